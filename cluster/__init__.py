@@ -1,0 +1,1 @@
+"""imagine's cluster side: config, storage, jobs, launcher, CLI and client (no torch at import)."""

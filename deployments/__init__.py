@@ -1,0 +1,1 @@
+"""Ray Serve adapters around pipeline/: Ingress, TextEncoder, Diffuser, Upscaler, Publisher."""

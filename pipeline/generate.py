@@ -1,0 +1,217 @@
+"""The in-process reference: prompts -> upscaled images, no Ray, no HTTP.
+
+    from pipeline import GenerationRequest, Pipeline
+    pipe = Pipeline.load()                                   # the built-in model
+    [result] = pipe.generate([GenerationRequest(prompt="a red circle on a black background", n=4)])
+    result.images[0].save("fox.png")
+
+The served cluster must reproduce these images (same seeds -> same pixels within 1/255).
+A model is described by a `pipeline.json` (PipelineSpec): where its text encoder, diffusion
+folder and upscaler are, and its defaults. The built-in model is one such folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .request import GenerationRequest, InvalidRequestError, ResolvedRequest
+from .sampler import SampleRequest, Sampler
+from .scorer import Scorer
+from .text_encoder import TextEncoder
+from .upscaler import Upscaler
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+class TextEncoderSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(None, description="open_clip folder (open_clip_config.json + weights)")
+    open_clip_model: str | None = Field(None, description="registered open_clip name or config JSON path")
+    checkpoint: str | None = Field(None, description="local checkpoint for open_clip_model")
+    layer: str = "last"
+
+
+class Defaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sample_size: int = 32
+    upscale: int = 4
+    steps: int = 20
+    guidance_scale: float = 4.0
+    scheduler: str = "dpmpp_2m"
+
+
+class PipelineSpec(BaseModel):
+    """A model: its parts and defaults. Relative paths are relative to the spec's folder."""
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    text_encoder: TextEncoderSpec
+    diffusion: str = Field(description="diffusers-format folder: unet/, scheduler/, optional vae/")
+    upscaler: str | None = Field(None, description="upscaler folder or Real-ESRGAN .pth; None = bicubic")
+    upscaler_scale: int = 4
+    defaults: Defaults = Defaults()
+    max_sample_size: int = 64
+    root: str = Field(".", exclude=True)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "PipelineSpec":
+        """Read `pipeline.json` from a folder or file; None = the built-in model."""
+        path = Path(path) if path is not None else BUILTIN_DIR
+        file = path / "pipeline.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no model spec at {file}" + (
+                " (train the built-in model: python -m pipeline.train all)" if path == BUILTIN_DIR else ""))
+        return cls.model_validate({**json.loads(file.read_text()), "root": str(file.parent)})
+
+    def resolve_path(self, p: str) -> Path:
+        return (Path(self.root) / p).resolve()
+
+
+@dataclass
+class GenerationResult:
+    request: ResolvedRequest
+    images: list[Image.Image]   # n images, best-first when best_of > 1
+    seeds: list[int]            # seed of each delivered image
+    scores: list[float] | None  # CLIP score of each delivered image (when a scorer ran)
+
+
+class Pipeline:
+    """Text encoder + sampler + upscaler (+ scorer), loaded from one PipelineSpec."""
+
+    def __init__(self, spec: PipelineSpec, text_encoder: TextEncoder, sampler: Sampler,
+                 upscaler: Upscaler, scorer: Scorer | None, max_batch_size: int = 16):
+        self.spec, self.text_encoder, self.sampler = spec, text_encoder, sampler
+        self.upscaler, self.scorer, self.max_batch_size = upscaler, scorer, max_batch_size
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device="cpu", max_batch_size: int = 16) -> "Pipeline":
+        spec = PipelineSpec.load(path)
+        text_encoder = load_text_encoder(spec, device)
+        sampler = Sampler.from_pretrained(spec.resolve_path(spec.diffusion), device=device)
+        upscaler = load_upscaler(spec, device)
+        scorer = Scorer.from_text_encoder(text_encoder) if hasattr(text_encoder.model, "visual") else None
+        return cls(spec, text_encoder, sampler, upscaler, scorer, max_batch_size)
+
+    # ---- 1. check inputs ------------------------------------------------------------------
+    def allowed_sizes(self, upscale: int) -> list[int]:
+        m, top = self.sampler.size_multiple, self.spec.max_sample_size
+        return [s * upscale for s in range(m, top + 1, m)]
+
+    def resolve(self, req: GenerationRequest) -> ResolvedRequest:
+        """Fill defaults and check the request against this model; raises InvalidRequestError."""
+        d = self.spec.defaults
+        upscale = req.upscale or d.upscale
+        if upscale > 1 and upscale > self.upscaler.scale and self.upscaler.net is not None:
+            raise InvalidRequestError("upscale", f"this model's upscaler goes up to x{self.upscaler.scale}")
+        sizes = {}
+        for name in ("width", "height"):
+            size = getattr(req, name) or d.sample_size * upscale
+            sample = size // upscale
+            if size % upscale or size not in self.allowed_sizes(upscale):
+                raise InvalidRequestError(name, f"{size} is not a size this model can produce at upscale "
+                                                f"x{upscale}; choose one of {self.allowed_sizes(upscale)}")
+            sizes[name], sizes[f"sample_{name}"] = size, sample
+        return ResolvedRequest(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, n=req.n, **sizes,
+            steps=req.steps or d.steps,
+            guidance_scale=d.guidance_scale if req.guidance_scale is None else req.guidance_scale,
+            scheduler=req.scheduler or d.scheduler,
+            seed=secrets.randbelow(2**32) if req.seed is None else req.seed,
+            upscale=upscale, best_of=req.best_of)
+
+    # ---- 2.-5. encode, sample, upscale, rank -----------------------------------------------
+    def sample_requests(self, req: ResolvedRequest) -> list[SampleRequest]:
+        """One SampleRequest per candidate image of `req` (n * best_of of them)."""
+        emb = self.text_encoder.encode([req.prompt, req.negative_prompt])
+        return [SampleRequest(
+            prompt_embeds=emb.prompt_embeds[0], negative_prompt_embeds=emb.prompt_embeds[1],
+            pooled=emb.pooled[0], negative_pooled=emb.pooled[1],
+            height=req.sample_height, width=req.sample_width, num_inference_steps=req.steps,
+            guidance_scale=req.guidance_scale, scheduler=req.scheduler, seed=seed) for seed in req.seeds()]
+
+    def generate(self, requests: Iterable[GenerationRequest | dict],
+                 callback: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+        """Generate every request; candidates of all requests share sampler batches."""
+        resolved = [self.resolve(parse_request(r)) for r in requests]
+        jobs = [(i, sr) for i, r in enumerate(resolved) for sr in self.sample_requests(r)]
+        pixels = []
+        for k in range(0, len(jobs), self.max_batch_size):
+            pixels += self.sampler.sample([sr for _, sr in jobs[k:k + self.max_batch_size]], callback)
+        results = []
+        for i, r in enumerate(resolved):
+            mine = torch.stack([p for (j, _), p in zip(jobs, pixels) if j == i])  # (n*best_of, 3, h, w)
+            results.append(self.finish(r, mine))
+        return results
+
+    def finish(self, req: ResolvedRequest, pixels: torch.Tensor) -> GenerationResult:
+        """Upscale, rank best-first when best_of > 1, keep n; pixels (N, 3, h, w) in [0, 1]."""
+        seeds = req.seeds()
+        scores = None
+        if self.scorer is not None and req.best_of > 1:
+            order, all_scores = self.scorer.rank(pixels, req.prompt)
+            keep = order[:req.n]
+            pixels, seeds, scores = pixels[keep], [seeds[k] for k in keep], [all_scores[k] for k in keep]
+        images = self.upscaler.upscale(pixels, req.upscale) if req.upscale > 1 else pixels
+        return GenerationResult(request=req, images=to_pil(images), seeds=seeds, scores=scores)
+
+
+def generate(requests: Iterable[GenerationRequest | dict], pipeline: Pipeline | None = None
+             ) -> list[GenerationResult]:
+    """Module-level convenience: `pipeline.generate(requests)` on the built-in model."""
+    return (pipeline or Pipeline.load()).generate(requests)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def parse_request(r: GenerationRequest | dict) -> GenerationRequest:
+    if isinstance(r, GenerationRequest):
+        return r
+    try:
+        return GenerationRequest.model_validate(r)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InvalidRequestError(".".join(map(str, err["loc"])) or "request", err["msg"]) from e
+
+
+def load_text_encoder(spec: PipelineSpec, device) -> TextEncoder:
+    te = spec.text_encoder
+    if te.path is not None:
+        return TextEncoder.from_pretrained(spec.resolve_path(te.path), layer=te.layer, device=device)
+    if te.open_clip_model is None:
+        raise ValueError(f"model {spec.name}: text_encoder needs a path or an open_clip_model")
+    ckpt = spec.resolve_path(te.checkpoint) if te.checkpoint else None
+    model = te.open_clip_model
+    if model.endswith(".json"):
+        model = str(spec.resolve_path(model))
+    return TextEncoder.from_open_clip(model, ckpt, layer=te.layer, device=device)
+
+
+def load_upscaler(spec: PipelineSpec, device) -> Upscaler:
+    if spec.upscaler is None:
+        return Upscaler.bicubic(spec.upscaler_scale)
+    path = spec.resolve_path(spec.upscaler)
+    return Upscaler.from_folder(path, device=device) if path.is_dir() else Upscaler.from_file(path, device=device)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL RGB images (rounded, as PNG stores them)."""
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def make_grid(images: list[Image.Image], cols: int = 2) -> Image.Image:
+    """Tile images into a grid (the 2x2 of a default job)."""
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,212 @@
+"""Diffusion sampler on diffusers: UNet + scheduler + classifier-free guidance, batched by step.
+
+The split is diffusers' own (PHILOSOPHY.md, "simple over easy"): a scheduler is a small state
+machine (`set_timesteps`, `scale_model_input`, `step`), and the caller writes the denoising loop.
+Ours is written for step-level batching from the start, as LLM servers batch tokens:
+
+    states = sampler.start(requests)      # one SampleState per image: own scheduler, own generator
+    while any(not s.done for s in states):
+        sampler.step([s for s in states if not s.done])   # any subset, one UNet call per shape
+    images = sampler.finish(states)       # VAE decode -> (B, 3, H, W) in [0, 1]
+
+Requests of different step counts, guidance scales, schedulers and seeds share one UNet call;
+classifier-free guidance (Ho & Salimans 2022) puts each request's unconditional and conditional
+rows in the same batch. Each image has its own `torch.Generator` for its initial noise and its
+ancestral noise, so its pixels do not depend on which other requests shared its batch.
+
+Latent diffusion (Rombach et al. 2022) when the model folder has a `vae/`; pixel space otherwise.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, UNet2DConditionModel)
+
+logger = logging.getLogger(__name__)
+
+# name -> (scheduler class, overrides of the model's scheduler config)
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+}
+
+
+@dataclass
+class SampleRequest:
+    """One image to sample. Embeddings come from the text encoder (no batch dimension)."""
+    prompt_embeds: torch.Tensor            # (T, D)
+    negative_prompt_embeds: torch.Tensor   # (T, D), the empty prompt when there is no negative
+    pooled: torch.Tensor                   # (E,)
+    negative_pooled: torch.Tensor          # (E,)
+    height: int                            # pixels, as sampled (before any upscaling)
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str
+    seed: int
+
+
+@dataclass
+class SampleState:
+    """A request in flight: its scheduler, latents and position in its own timestep list."""
+    request: SampleRequest
+    scheduler: object
+    latents: torch.Tensor                  # (1, C, h, w)
+    generator: torch.Generator
+    step_index: int = 0
+    cancelled: bool = False
+    tag: object = field(default=None, repr=False)  # free for the caller (e.g. a job id)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.step_index >= self.num_steps
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step_index / max(1, self.num_steps))
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.request.guidance_scale > 1.0
+
+
+class Sampler:
+    """A UNet2DConditionModel, an optional AutoencoderKL and a base scheduler config.
+
+    Args:
+        unet: the denoiser.
+        vae: the latent autoencoder, or None for a pixel-space model.
+        scheduler_config: the model's scheduler config (training betas, prediction type, ...).
+        device, dtype: where and how to run the nets.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL | None, scheduler_config: dict,
+                 device="cpu", dtype=torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        self.unet = unet.to(self.device, dtype).eval().requires_grad_(False)
+        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False) if vae is not None else None
+        self.scheduler_config = dict(scheduler_config)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.latent_channels = unet.config.in_channels
+        # the latent side must survive the UNet's downsamplings
+        self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.config.down_block_types) - 1)
+        self.uses_pooled = unet.config.class_embed_type == "projection"
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device="cpu", dtype=torch.float32) -> "Sampler":
+        """Load a local diffusers-format model folder (`unet/`, `scheduler/`, optional `vae/`)."""
+        folder = Path(folder)
+        if not (folder / "unet").is_dir():
+            raise FileNotFoundError(f"{folder} has no unet/ subfolder: not a diffusers model folder")
+        kw = {"local_files_only": True, "torch_dtype": dtype}
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw) if (folder / "vae").is_dir() else None
+        scheduler_config = DDIMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True)
+        return cls(unet, vae, scheduler_config, device=device, dtype=dtype)
+
+    # ---- the step-level interface -------------------------------------------------------------
+    def make_scheduler(self, name: str, num_inference_steps: int):
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+        cls, overrides = SCHEDULERS[name]
+        scheduler = cls.from_config({**self.scheduler_config, **overrides})
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return scheduler
+
+    def start(self, requests: list[SampleRequest]) -> list[SampleState]:
+        """Draw each request's initial noise from its own seed; no UNet call yet."""
+        states = []
+        for r in requests:
+            if r.height % self.size_multiple or r.width % self.size_multiple:
+                raise ValueError(f"sample size {r.width}x{r.height} is not a multiple of {self.size_multiple}")
+            scheduler = self.make_scheduler(r.scheduler, r.num_inference_steps)
+            generator = torch.Generator("cpu").manual_seed(int(r.seed))
+            shape = (1, self.latent_channels, r.height // self.vae_scale_factor, r.width // self.vae_scale_factor)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)  # on CPU: same on any device
+            latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
+            states.append(SampleState(r, scheduler, latents, generator))
+        return states
+
+    @torch.no_grad()
+    def step(self, states: list[SampleState]) -> None:
+        """Advance every state by one denoising step: one UNet call per latent shape."""
+        for group in _group_by_shape(s for s in states if not s.done).values():
+            self._step_group(group)
+
+    def _step_group(self, states: list[SampleState]) -> None:
+        # 1. one or two rows per state: (uncond, cond) under guidance, cond alone otherwise
+        rows, timesteps, embeds, pooled = [], [], [], []
+        for s in states:
+            r, t = s.request, s.scheduler.timesteps[s.step_index]
+            x = s.scheduler.scale_model_input(s.latents, t)  # (1, C, h, w)
+            pairs = [(r.negative_prompt_embeds, r.negative_pooled)] if s.use_cfg else []
+            for e, p in pairs + [(r.prompt_embeds, r.pooled)]:
+                rows.append(x)
+                timesteps.append(float(t))
+                embeds.append(e)
+                pooled.append(p)
+        # 2. the batched UNet call
+        model_output = self.unet(
+            torch.cat(rows),                                                  # (N, C, h, w)
+            timestep=torch.tensor(timesteps, dtype=torch.float32, device=self.device),
+            encoder_hidden_states=torch.stack(embeds).to(self.device, self.dtype),  # (N, T, D)
+            class_labels=torch.stack(pooled).to(self.device, self.dtype) if self.uses_pooled else None,
+        ).sample
+        # 3. guidance and each request's own scheduler step
+        i = 0
+        for s in states:
+            if s.use_cfg:
+                uncond, cond = model_output[i:i + 1], model_output[i + 1:i + 2]
+                out = uncond + s.request.guidance_scale * (cond - uncond)
+                i += 2
+            else:
+                out = model_output[i:i + 1]
+                i += 1
+            t = s.scheduler.timesteps[s.step_index]
+            s.latents = s.scheduler.step(out, t, s.latents, generator=s.generator).prev_sample
+            s.step_index += 1
+
+    @torch.no_grad()
+    def finish(self, states: list[SampleState]) -> list[torch.Tensor]:
+        """Decode finished latents; returns one (3, H, W) image in [0, 1] per state, in order."""
+        images: dict[int, torch.Tensor] = {}
+        for group in _group_by_shape(states).values():
+            latents = torch.cat([s.latents for s in group])
+            if self.vae is not None:
+                latents = latents / self.vae.config.scaling_factor
+                pixels = self.vae.decode(latents).sample
+            else:
+                pixels = latents
+            pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+            for s, img in zip(group, pixels):
+                images[id(s)] = img
+        return [images[id(s)] for s in states]
+
+    def sample(self, requests: list[SampleRequest], callback: Callable[[int, int], None] | None = None
+               ) -> list[torch.Tensor]:
+        """Sample all requests together, step by step, until each is done."""
+        states = self.start(requests)
+        total = sum(s.num_steps for s in states)
+        while live := [s for s in states if not s.done]:
+            self.step(live)
+            if callback is not None:
+                callback(sum(s.step_index for s in states), total)
+        return self.finish(states)
+
+
+def _group_by_shape(states) -> dict[tuple, list[SampleState]]:
+    groups: dict[tuple, list[SampleState]] = {}
+    for s in states:
+        groups.setdefault(tuple(s.latents.shape), []).append(s)
+    return groups

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from pipeline.configs import build_unet, build_vae, clip_model_cfg, save_diffusion
+from pipeline.sampler import SampleRequest, Sampler
+
+
+def make_request(pipe, prompt="a red circle", negative="", **kw) -> SampleRequest:
+    emb = pipe.text_encoder.encode([prompt, negative])
+    args = dict(height=16, width=16, num_inference_steps=4, guidance_scale=4.0, scheduler="ddim", seed=0)
+    args.update(kw)
+    return SampleRequest(prompt_embeds=emb.prompt_embeds[0], negative_prompt_embeds=emb.prompt_embeds[1],
+                         pooled=emb.pooled[0], negative_pooled=emb.pooled[1], **args)
+
+
+def test_diffusers_folder_round_trips(tmp_path):
+    cfg = clip_model_cfg("tiny", None)
+    torch.manual_seed(0)
+    unet, vae = build_unet("tiny", cfg["text_cfg"]["width"], cfg["embed_dim"]), build_vae("tiny")
+    save_diffusion(unet, vae, tmp_path / "m")
+    s = Sampler.from_pretrained(tmp_path / "m")
+    ref = {k: v.half().float() for k, v in unet.state_dict().items()}  # stored as fp16
+    for k, v in s.unet.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    assert s.vae_scale_factor == 2 and s.latent_channels == 4 and s.uses_pooled
+    with pytest.raises(FileNotFoundError, match="unet"):
+        Sampler.from_pretrained(tmp_path)
+
+
+def test_shapes_dtype_and_range(tiny_pipeline):
+    images = tiny_pipeline.sampler.sample([make_request(tiny_pipeline), make_request(tiny_pipeline, width=24)])
+    assert images[0].shape == (3, 16, 16) and images[1].shape == (3, 16, 24)
+    assert images[0].dtype == torch.float32
+    assert 0 <= images[0].min() and images[0].max() <= 1
+
+
+def test_image_does_not_depend_on_batch_composition(tiny_pipeline):
+    """The same request alone and inside a batch of 8 mixed requests: equal within 1/255."""
+    pipe = tiny_pipeline
+    target = make_request(pipe, "a blue square on a white background", seed=7, scheduler="euler_a",
+                          num_inference_steps=5, guidance_scale=5.0)
+    alone = pipe.sampler.sample([target])[0]
+    mixed = [make_request(pipe, "a red circle", negative="green", seed=1, scheduler="ddim", num_inference_steps=3),
+             make_request(pipe, "a green triangle", seed=2, scheduler="dpmpp_2m", num_inference_steps=6,
+                          guidance_scale=1.0),
+             make_request(pipe, "black", seed=3, scheduler="euler", num_inference_steps=2, guidance_scale=9.0),
+             make_request(pipe, "a red square", seed=4, scheduler="euler_a", num_inference_steps=8, width=24),
+             target,
+             make_request(pipe, "white circle", seed=5, scheduler="dpmpp_2m", num_inference_steps=4, height=24),
+             make_request(pipe, "blue", seed=6, scheduler="ddim", num_inference_steps=7, guidance_scale=2.5),
+             make_request(pipe, "a blue square on a white background", seed=8, scheduler="euler_a",
+                          num_inference_steps=5, guidance_scale=5.0)]
+    batched = pipe.sampler.sample(mixed)
+    assert (batched[4] - alone).abs().max() <= 1 / 255
+    assert (batched[7] - alone).abs().max() > 1 / 255  # another seed is another image
+
+
+def test_step_level_interface_advances_any_subset(tiny_pipeline):
+    pipe = tiny_pipeline
+    reqs = [make_request(pipe, seed=1, num_inference_steps=2), make_request(pipe, seed=2, num_inference_steps=5)]
+    states = pipe.sampler.start(reqs)
+    pipe.sampler.step(states)
+    pipe.sampler.step(states)
+    assert states[0].done and not states[1].done and states[1].progress == pytest.approx(0.4)
+    pipe.sampler.step([states[1]])  # a subset; a new request may join at this boundary
+    late = pipe.sampler.start([make_request(pipe, seed=3, num_inference_steps=1)])[0]
+    pipe.sampler.step([states[1], late])
+    pipe.sampler.step(states + [late])  # done states are skipped
+    assert late.done and states[1].step_index == 5
+    images = pipe.sampler.finish(states + [late])
+    alone = pipe.sampler.sample([reqs[1]])[0]
+    assert (images[1] - alone).abs().max() <= 1 / 255
+
+
+def test_negative_prompt_and_guidance_change_the_output(tiny_pipeline):
+    pipe = tiny_pipeline
+    base = pipe.sampler.sample([make_request(pipe, seed=3)])[0]
+    neg = pipe.sampler.sample([make_request(pipe, negative="blue background", seed=3)])[0]
+    cfg = pipe.sampler.sample([make_request(pipe, seed=3, guidance_scale=8.0)])[0]
+    assert (base - neg).abs().max() > 1e-3
+    assert (base - cfg).abs().max() > 1e-3
+
+
+def test_unknown_scheduler_and_bad_size_are_rejected(tiny_pipeline):
+    with pytest.raises(ValueError, match="scheduler"):
+        tiny_pipeline.sampler.start([make_request(tiny_pipeline, scheduler="plms")])
+    with pytest.raises(ValueError, match="multiple"):
+        tiny_pipeline.sampler.start([make_request(tiny_pipeline, width=18)])
