@@ -23,8 +23,8 @@ from .upscaler import RRDBConfig, RRDBNet, Upscaler
 ARCHS: dict[str, dict] = {
     "builtin": {
         "clip": {"embed_dim": 64,
-                 "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
-                 "text_cfg": {"context_length": 16, "width": 128, "heads": 4, "layers": 4}},
+                 "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
+                 "text_cfg": {"context_length": 16, "width": 128, "heads": 4, "layers": 3}},
         "vae": {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 16},
         "unet": {"block_out_channels": (64, 128, 128), "layers_per_block": 1, "norm_num_groups": 32,
                  "attention_head_dim": 8},

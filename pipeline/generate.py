@@ -11,70 +11,23 @@ folder and upscaler are, and its defaults. The built-in model is one such folder
 """
 from __future__ import annotations
 
-import json
 import logging
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from .request import GenerationRequest, InvalidRequestError, ResolvedRequest
 from .sampler import SampleRequest, Sampler
 from .scorer import Scorer
-from .text_encoder import TextEncoder
+from .spec import BUILTIN_DIR, ModelInfo, PipelineSpec
+from .text_encoder import PromptEmbeds, TextEncoder
 from .upscaler import Upscaler
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_DIR = Path(__file__).parent / "builtin"
-
-
-class TextEncoderSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str | None = Field(None, description="open_clip folder (open_clip_config.json + weights)")
-    open_clip_model: str | None = Field(None, description="registered open_clip name or config JSON path")
-    checkpoint: str | None = Field(None, description="local checkpoint for open_clip_model")
-    layer: str = "last"
-
-
-class Defaults(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    sample_size: int = 32
-    upscale: int = 4
-    steps: int = 20
-    guidance_scale: float = 4.0
-    scheduler: str = "dpmpp_2m"
-
-
-class PipelineSpec(BaseModel):
-    """A model: its parts and defaults. Relative paths are relative to the spec's folder."""
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    text_encoder: TextEncoderSpec
-    diffusion: str = Field(description="diffusers-format folder: unet/, scheduler/, optional vae/")
-    upscaler: str | None = Field(None, description="upscaler folder or Real-ESRGAN .pth; None = bicubic")
-    upscaler_scale: int = 4
-    defaults: Defaults = Defaults()
-    max_sample_size: int = 64
-    root: str = Field(".", exclude=True)
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> "PipelineSpec":
-        """Read `pipeline.json` from a folder or file; None = the built-in model."""
-        path = Path(path) if path is not None else BUILTIN_DIR
-        file = path / "pipeline.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no model spec at {file}" + (
-                " (train the built-in model: python -m pipeline.train all)" if path == BUILTIN_DIR else ""))
-        return cls.model_validate({**json.loads(file.read_text()), "root": str(file.parent)})
-
-    def resolve_path(self, p: str) -> Path:
-        return (Path(self.root) / p).resolve()
-
 
 @dataclass
 class GenerationResult:
@@ -91,6 +44,7 @@ class Pipeline:
                  upscaler: Upscaler, scorer: Scorer | None, max_batch_size: int = 16):
         self.spec, self.text_encoder, self.sampler = spec, text_encoder, sampler
         self.upscaler, self.scorer, self.max_batch_size = upscaler, scorer, max_batch_size
+        self.info = ModelInfo(spec)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device="cpu", max_batch_size: int = 16) -> "Pipeline":
@@ -102,41 +56,14 @@ class Pipeline:
         return cls(spec, text_encoder, sampler, upscaler, scorer, max_batch_size)
 
     # ---- 1. check inputs ------------------------------------------------------------------
-    def allowed_sizes(self, upscale: int) -> list[int]:
-        m, top = self.sampler.size_multiple, self.spec.max_sample_size
-        return [s * upscale for s in range(m, top + 1, m)]
-
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Fill defaults and check the request against this model; raises InvalidRequestError."""
-        d = self.spec.defaults
-        upscale = req.upscale or d.upscale
-        if upscale > 1 and upscale > self.upscaler.scale and self.upscaler.net is not None:
-            raise InvalidRequestError("upscale", f"this model's upscaler goes up to x{self.upscaler.scale}")
-        sizes = {}
-        for name in ("width", "height"):
-            size = getattr(req, name) or d.sample_size * upscale
-            sample = size // upscale
-            if size % upscale or size not in self.allowed_sizes(upscale):
-                raise InvalidRequestError(name, f"{size} is not a size this model can produce at upscale "
-                                                f"x{upscale}; choose one of {self.allowed_sizes(upscale)}")
-            sizes[name], sizes[f"sample_{name}"] = size, sample
-        return ResolvedRequest(
-            prompt=req.prompt, negative_prompt=req.negative_prompt, n=req.n, **sizes,
-            steps=req.steps or d.steps,
-            guidance_scale=d.guidance_scale if req.guidance_scale is None else req.guidance_scale,
-            scheduler=req.scheduler or d.scheduler,
-            seed=secrets.randbelow(2**32) if req.seed is None else req.seed,
-            upscale=upscale, best_of=req.best_of)
+        return self.info.resolve(req)
 
     # ---- 2.-5. encode, sample, upscale, rank -----------------------------------------------
     def sample_requests(self, req: ResolvedRequest) -> list[SampleRequest]:
         """One SampleRequest per candidate image of `req` (n * best_of of them)."""
-        emb = self.text_encoder.encode([req.prompt, req.negative_prompt])
-        return [SampleRequest(
-            prompt_embeds=emb.prompt_embeds[0], negative_prompt_embeds=emb.prompt_embeds[1],
-            pooled=emb.pooled[0], negative_pooled=emb.pooled[1],
-            height=req.sample_height, width=req.sample_width, num_inference_steps=req.steps,
-            guidance_scale=req.guidance_scale, scheduler=req.scheduler, seed=seed) for seed in req.seeds()]
+        return make_sample_requests(req, self.text_encoder.encode([req.prompt, req.negative_prompt]))
 
     def generate(self, requests: Iterable[GenerationRequest | dict],
                  callback: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
@@ -171,6 +98,15 @@ def generate(requests: Iterable[GenerationRequest | dict], pipeline: Pipeline | 
 
 
 # ---- helpers ------------------------------------------------------------------------------
+def make_sample_requests(req: ResolvedRequest, emb: PromptEmbeds) -> list[SampleRequest]:
+    """The sampler's requests for `req`, given the embeddings of [prompt, negative_prompt]."""
+    return [SampleRequest(
+        prompt_embeds=emb.prompt_embeds[0], negative_prompt_embeds=emb.prompt_embeds[1],
+        pooled=emb.pooled[0], negative_pooled=emb.pooled[1],
+        height=req.sample_height, width=req.sample_width, num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale, scheduler=req.scheduler, seed=seed) for seed in req.seeds()]
+
+
 def parse_request(r: GenerationRequest | dict) -> GenerationRequest:
     if isinstance(r, GenerationRequest):
         return r

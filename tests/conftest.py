@@ -1,8 +1,12 @@
 """Shared fixtures: small random-init models written by the tests in the real formats."""
 import logging
+import secrets
 
 import pytest
 import torch
+
+from cluster.seaweed import LocalS3Server, find_weed, pick_s3_port
+from cluster.storage import Storage
 
 torch.set_flush_denormal(True)
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -21,3 +25,24 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_pipeline(tiny_model_dir):
     from pipeline import Pipeline
     return Pipeline.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One `weed mini` for the whole session, on free ports, with a random access key and secret."""
+    find_weed()  # a missing `weed` binary is an install error, not a reason to skip
+    server = LocalS3Server(tmp_path_factory.mktemp("seaweed"), pick_s3_port(),
+                           access_key="test-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(24))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_storage(s3_server):
+    """make_storage(bucket=None, **Storage kwargs): a Storage on the test server (bucket not created)."""
+    def make(bucket: str | None = None, **kwargs) -> Storage:
+        kwargs.setdefault("secret_key", s3_server.secret_key)
+        return Storage(s3_server.endpoint_url, bucket or "test-" + secrets.token_hex(6),
+                       access_key=s3_server.access_key, **kwargs)
+    return make

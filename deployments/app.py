@@ -1,0 +1,39 @@
+"""The deployment graph: Ingress -> TextEncoder -> Diffuser -> Upscaler -> Publisher.
+
+    from deployments.app import build_app
+    serve.run(build_app(ImagineConfig.load("imagine.yaml")))
+
+`build_app_from_args` is the application builder that Serve's config file names
+(`import_path: deployments.app:build_app_from_args`), so `serve deploy` works too. The options
+set here in code are the same ones `ImagineConfig.serve_config()` writes for the config file.
+"""
+from __future__ import annotations
+
+from cluster.config import DEPLOYMENT_NAMES, ImagineConfig
+
+from .diffuser import Diffuser
+from .ingress import Ingress
+from .publisher import Publisher
+from .text_encoder import TextEncoder
+from .upscaler import Upscaler
+
+CLASSES = {"text_encoder": TextEncoder, "diffuser": Diffuser, "upscaler": Upscaler, "publisher": Publisher}
+
+
+def deployment_options(cfg: ImagineConfig, stage: str) -> dict:
+    """Serve options of one stage: exactly the config file's entry minus its name."""
+    [entry] = [d for d in cfg.serve_config()["applications"][0]["deployments"]
+               if d["name"] == DEPLOYMENT_NAMES[stage]]
+    return {k: v for k, v in entry.items() if k != "name"}
+
+
+def build_app(cfg: ImagineConfig):
+    """Bind every stage with its options from the config; the ingress gets their handles."""
+    config = cfg.model_dump(mode="json")
+    handles = {name: cls.options(**deployment_options(cfg, name)).bind(config) for name, cls in CLASSES.items()}
+    return Ingress.options(**deployment_options(cfg, "ingress")).bind(
+        config, handles["text_encoder"], handles["diffuser"], handles["upscaler"], handles["publisher"])
+
+
+def build_app_from_args(args: dict):
+    return build_app(ImagineConfig.from_dict(args["config"]))

@@ -1,0 +1,267 @@
+"""Evaluate the built-in models with the independent analyzer; write reports/.
+
+    python -m pipeline.evaluate                    # full report (a few minutes on 2 cores)
+    python -m pipeline.evaluate --quick            # smaller samples
+
+Every number comes from the rule-based analyzer (`pipeline.analyzer`), never from the model's
+own CLIP, except the CLIP retrieval and best-of reranking rows, which measure CLIP itself.
+Output: reports/evaluation.json, reports/evaluation.md, reports/sample_sheet.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from . import analyzer, domain
+from .configs import write_model
+from .generate import BUILTIN_DIR, Pipeline, to_pil
+from .request import GenerationRequest
+from .train import EVAL_DEGRADATION, degrade
+
+logger = logging.getLogger(__name__)
+
+
+def attribute_rates(analyses, combos) -> dict:
+    """Shape, colour, background and all-three accuracy of analyses against expected combos."""
+    n = max(1, len(combos))
+    hits = {"shape": 0, "color": 0, "background": 0, "all": 0}
+    for a, (shape, color, background) in zip(analyses, combos):
+        ok = (a.shape == shape, a.color == color, a.background == background)
+        for k, v in zip(("shape", "color", "background"), ok):
+            hits[k] += v
+        hits["all"] += all(ok)
+    return {k: round(v / n, 4) for k, v in hits.items()} | {"n": len(combos)}
+
+
+def split_rates(analyses, combos) -> dict:
+    seen = [(a, c) for a, c in zip(analyses, combos) if not domain.is_held_out(c)]
+    held = [(a, c) for a, c in zip(analyses, combos) if domain.is_held_out(c)]
+    return {"seen": attribute_rates(*zip(*seen)) if seen else None,
+            "held_out": attribute_rates(*zip(*held)) if held else None}
+
+
+# ---- 1. the analyzer itself ------------------------------------------------------------------
+def eval_analyzer(n: int, seed: int) -> dict:
+    b = domain.ProceduralDataset(seed=seed, combos=domain.ALL_COMBOS).batch(n)
+    return attribute_rates(analyzer.analyze_batch(b.images), b.combos)
+
+
+# ---- 2. CLIP zero-shot retrieval -------------------------------------------------------------
+def eval_retrieval(pipe: Pipeline, n: int, seed: int) -> dict:
+    """Pick the right canonical caption among all 168 combos for fresh images."""
+    captions = [domain.format_caption(c, 0) for c in domain.ALL_COMBOS]
+    text = pipe.scorer.text_features(captions)                                    # (168, E)
+    out = {}
+    for split, combos in (("seen", domain.SEEN), ("held_out", sorted(domain.HELD_OUT))):
+        b = domain.ProceduralDataset(seed=seed).batch(n, combos=combos)
+        pred = (pipe.scorer.image_features(b.images) @ text.T).argmax(1).tolist()
+        out[split] = round(sum(domain.ALL_COMBOS[p] == c for p, c in zip(pred, b.combos)) / n, 4)
+    return out
+
+
+# ---- 3. VAE reconstructions --------------------------------------------------------------------
+@torch.no_grad()
+def eval_vae(pipe: Pipeline, n: int, seed: int) -> dict:
+    vae = pipe.sampler.vae
+    b = domain.ProceduralDataset(seed=seed).batch(n, combos=sorted(domain.HELD_OUT))
+    recon = (vae.decode(vae.encode(b.images * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    mse = F.mse_loss(recon, b.images).item()
+    return {"held_out_all_three": attribute_rates(analyzer.analyze_batch(recon), b.combos)["all"],
+            "psnr_db": round(10 * math.log10(1 / mse), 2), "n": n}
+
+
+# ---- 4. generation adherence -------------------------------------------------------------------
+def generate_prompts(pipe: Pipeline, seeds: list[int], best_of: int = 1, **settings) -> tuple[list, list]:
+    """Every prompt of PROMPT_LIST x seeds; returns (pixels (N, 3, h, w) at sample size, combos)."""
+    images, combos = [], []
+    for prompt, combo in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS):
+        for seed in seeds:
+            req = pipe.resolve(GenerationRequest(prompt=prompt, seed=seed * 1000, best_of=best_of, upscale=1,
+                                                 **settings))
+            pixels = torch.stack(pipe.sampler.sample(pipe.sample_requests(req)))
+            if best_of > 1:
+                order, _ = pipe.scorer.rank(pixels, prompt)
+                pixels = pixels[order[:1]]
+            images.append(pixels[0])
+            combos.append(combo)
+    return images, combos
+
+
+def eval_generation(pipe: Pipeline, seeds: list[int], best_of: int = 1, **settings) -> dict:
+    images, combos = generate_prompts(pipe, seeds, best_of=best_of, **settings)
+    return split_rates(analyzer.analyze_batch(torch.stack(images)), combos)
+
+
+# ---- 5. upscaler ----------------------------------------------------------------------------
+def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004), 11x11 Gaussian window sigma 1.5, per channel, data range 1."""
+    g = torch.exp(-(torch.arange(11) - 5.0) ** 2 / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+    mu_x, mu_y = F.conv2d(x, w, groups=3), F.conv2d(y, w, groups=3)
+    sxx = F.conv2d(x * x, w, groups=3) - mu_x ** 2
+    syy = F.conv2d(y * y, w, groups=3) - mu_y ** 2
+    sxy = F.conv2d(x * y, w, groups=3) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    return s.mean().item()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    return 10 * math.log10(1 / F.mse_loss(x, y).item())
+
+
+@torch.no_grad()
+def eval_upscaler(pipe: Pipeline, n: int, seed: int) -> dict:
+    b = domain.ProceduralDataset(seed=seed).batch(n, combos=sorted(domain.HELD_OUT), hr_size=domain.HR_SIZE)
+    hr = b.hr_images
+    lr = degrade(hr, 4, generator=torch.Generator().manual_seed(seed), **EVAL_DEGRADATION)
+    sr = pipe.upscaler.upscale(lr, 4)
+    bic = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    return {"degradation": EVAL_DEGRADATION, "n": n,
+            "rrdbnet": {"psnr_db": round(psnr(sr, hr), 2), "ssim": round(ssim(sr, hr), 4)},
+            "bicubic": {"psnr_db": round(psnr(bic, hr), 2), "ssim": round(ssim(bic, hr), 4)}}
+
+
+# ---- 6. latency ----------------------------------------------------------------------------
+def eval_latency(pipe: Pipeline, batch: int, steps: int, repeats: int = 2, **settings) -> float:
+    """Seconds per image, guidance and VAE decode included (best of `repeats`)."""
+    req = pipe.resolve(GenerationRequest(prompt=domain.PROMPT_LIST[0], n=batch, steps=steps, seed=0, upscale=1,
+                                         **settings))
+    sample_requests = pipe.sample_requests(req)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pipe.sampler.sample(sample_requests)
+        best = min(best, time.perf_counter() - t0)
+    return round(best / batch, 4)
+
+
+# ---- 7. sample sheet ---------------------------------------------------------------------------
+def sample_sheet(pipe: Pipeline, path: Path, n_prompts: int = 8, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+    """A grid of prompts (rows, half of them held-out) x seeds, upscaled x4, captioned."""
+    seen = [p for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if not domain.is_held_out(c)]
+    held = [p for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if domain.is_held_out(c)]
+    prompts = seen[:n_prompts // 2] + held[:n_prompts - n_prompts // 2]
+    cell, label_w = 128, 330
+    sheet = Image.new("RGB", (label_w + cell * len(seeds), cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, prompt in enumerate(prompts):
+        [res] = pipe.generate([{"prompt": prompt, "n": len(seeds), "seed": seeds[0]}])
+        tag = " (held-out)" if prompt in held else ""
+        draw.text((6, row * cell + cell // 2 - 6), prompt + tag, fill="black")
+        for col, img in enumerate(res.images):
+            sheet.paste(img.resize((cell, cell)), (label_w + col * cell, row * cell))
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model folder (default: built-in)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports/)")
+    p.add_argument("--quick", action="store_true", help="smaller samples (a minute)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_flush_denormal(True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n, seeds = (200, [0, 1]) if args.quick else (1000, [0, 1, 2, 3])
+    pipe = Pipeline.load(args.model)
+    d = pipe.spec.defaults
+    report = {"model": pipe.spec.name, "machine": machine(), "defaults": d.model_dump(), "seeds": seeds,
+              "prompts": len(domain.PROMPT_LIST)}
+    steps = [("analyzer_clean", lambda: eval_analyzer(n, 11)),
+             ("clip_retrieval", lambda: eval_retrieval(pipe, n // 2, 12)),
+             ("vae_reconstruction", lambda: eval_vae(pipe, n // 2, 13)),
+             ("generation", lambda: eval_generation(pipe, seeds)),
+             ("generation_best_of_4", lambda: eval_generation(pipe, seeds, best_of=4)),
+             ("generation_random_init", lambda: eval_generation(random_init(pipe), seeds)),
+             ("step_sweep", lambda: step_sweep(pipe, seeds[:2])),
+             ("upscaler", lambda: eval_upscaler(pipe, n // 4, 14)),
+             ("latency_s_per_image", lambda: latency_table(pipe))]
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        report[name] = fn()
+        logger.info("%s (%.0fs): %s", name, time.perf_counter() - t0, report[name])
+        (args.out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    sample_sheet(pipe, args.out / "sample_sheet.png")
+    (args.out / "evaluation.md").write_text(markdown(report))
+    logger.info("wrote %s", args.out)
+
+
+def random_init(pipe: Pipeline) -> Pipeline:
+    """The floor: the same architecture with random weights (same CLIP, so the prompts encode)."""
+    import tempfile
+    folder = write_model(Path(tempfile.mkdtemp()) / "random", "builtin", seed=123,
+                         defaults=pipe.spec.defaults.model_dump())
+    rnd = Pipeline.load(folder)
+    rnd.text_encoder, rnd.scorer = pipe.text_encoder, pipe.scorer
+    return rnd
+
+
+def step_sweep(pipe: Pipeline, seeds: list[int]) -> list[dict]:
+    rows = []
+    for scheduler, steps in (("dpmpp_2m", 8), ("dpmpp_2m", 12), ("dpmpp_2m", 20), ("ddim", 20), ("euler_a", 20)):
+        r = eval_generation(pipe, seeds, scheduler=scheduler, steps=steps)
+        rows.append({"scheduler": scheduler, "steps": steps, "seen_all": r["seen"]["all"],
+                     "held_out_all": r["held_out"]["all"],
+                     "s_per_image_b16": eval_latency(pipe, 16, steps, repeats=1, scheduler=scheduler)})
+    return rows
+
+
+def latency_table(pipe: Pipeline) -> dict:
+    d = pipe.spec.defaults
+    out = {f"batch{b}_steps{s}": eval_latency(pipe, b, s) for b in (1, 16) for s in (20, 50)}
+    out[f"default_batch16_steps{d.steps}"] = eval_latency(pipe, 16, d.steps)
+    out[f"default_batch1_steps{d.steps}"] = eval_latency(pipe, 1, d.steps)
+    return out
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def markdown(r: dict) -> str:
+    def row(name, g):
+        s, h = g["seen"], g["held_out"]
+        return (f"| {name} | {s['shape']:.1%} / {h['shape']:.1%} | {s['color']:.1%} / {h['color']:.1%} | "
+                f"{s['background']:.1%} / {h['background']:.1%} | **{s['all']:.1%}** / **{h['all']:.1%}** |")
+    d = r["defaults"]
+    lines = [f"# Evaluation of `{r['model']}`", "",
+             f"Machine: {r['machine']}. Defaults: {d['scheduler']}, {d['steps']} steps, guidance "
+             f"{d['guidance_scale']}. {r['prompts']} prompts x {len(r['seeds'])} seeds; analyzer-judged.", "",
+             "## Generation adherence (seen / held-out)", "",
+             "| model | shape | colour | background | all three |", "|---|---|---|---|---|",
+             row("built-in", r["generation"]), row("built-in, best-of-4 CLIP rerank", r["generation_best_of_4"]),
+             row("random init (floor)", r["generation_random_init"]), "",
+             "## Components", "",
+             f"- Analyzer on clean procedural images: {r['analyzer_clean']['all']:.1%} all three "
+             f"({r['analyzer_clean']['n']} images)",
+             f"- CLIP zero-shot retrieval among all 168 captions: seen {r['clip_retrieval']['seen']:.1%}, "
+             f"held-out {r['clip_retrieval']['held_out']:.1%}",
+             f"- VAE reconstructions of held-out images keeping all three attributes: "
+             f"{r['vae_reconstruction']['held_out_all_three']:.1%} (PSNR {r['vae_reconstruction']['psnr_db']} dB)",
+             f"- Upscaler x4 on held-out images, degradation {r['upscaler']['degradation']}: RRDBNet "
+             f"{r['upscaler']['rrdbnet']['psnr_db']} dB / SSIM {r['upscaler']['rrdbnet']['ssim']}, bicubic "
+             f"{r['upscaler']['bicubic']['psnr_db']} dB / SSIM {r['upscaler']['bicubic']['ssim']}", "",
+             "## Sampler settings (all three, seen / held-out; 2 seeds)", "",
+             "| scheduler | steps | seen | held-out | s/image at batch 16 |", "|---|---|---|---|---|"]
+    lines += [f"| {s['scheduler']} | {s['steps']} | {s['seen_all']:.1%} | {s['held_out_all']:.1%} | "
+              f"{s['s_per_image_b16']:.3f} |" for s in r["step_sweep"]]
+    lines += ["", "## Latency (seconds per image, guidance and VAE decode included)", "",
+              "| setting | s/image |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in r["latency_s_per_image"].items()]
+    return "\n".join(lines + ["", "![sample sheet](sample_sheet.png)", ""])
+
+
+if __name__ == "__main__":
+    main()
