@@ -1,47 +1,62 @@
 """The `imagine` command line.
 
-    imagine demo                          # a 2x2 grid for a prompt, in this process
-    imagine generate "a red circle on a black background" --n 4 --out out/
-
-Later commands (up, down, status, apply, bench, k8s) join here as they are built.
+    imagine up [imagine.yaml]             # Ray head + local S3 + the application; prints endpoint and key
+    imagine generate "a red circle on a black background --ar 1:1 --n 4" --out out/
+    imagine status | apply imagine.yaml | serve-config imagine.yaml | down
+    imagine demo                          # up, then a grid for a few prompts
+    imagine generate --local "..."        # in this process, no cluster (pipeline/ only)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from cluster.config import ConfigError
+from cluster.launcher import DEFAULT_CONFIG, Cluster
+
 logger = logging.getLogger("imagine")
-
-DEMO_PROMPT = "a red circle on a black background"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagine", description=(
         "imagine: text-to-image on Ray Serve. Prompts go through a CLIP text encoder, a diffusion "
-        "sampler and a super-resolution upscaler; images are written as PNGs."))
+        "sampler and a super-resolution upscaler, each an autoscaled Serve deployment; PNGs land in "
+        "S3-compatible storage. Configure everything in one file (see imagine.example.yaml)."))
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cfg_help = f"config file (default: ./{DEFAULT_CONFIG} if present, else built-in defaults)"
 
-    g = sub.add_parser("generate", help="generate images for a prompt in this process (no cluster)",
-                       description="Generate images for a prompt with pipeline/ in this process and "
-                                   "write them, and a grid, as PNGs.")
+    up = sub.add_parser("up", help="start Ray, the local S3 server and the application on this machine",
+                        description="Start a Ray head, SeaweedFS (local S3) and the Serve application; "
+                                    "return once /healthz answers; print endpoint, API key and S3 details.")
+    up.add_argument("config", nargs="?", default=None, help=cfg_help)
+    for name, helptext in (("down", "stop the application, Ray and the local S3 server"),
+                           ("status", "show each deployment's status and replicas"),
+                           ("apply", "deploy the config to the running cluster, in place (e.g. new replicas)"),
+                           ("serve-config", "print Serve's config file for this config (for `serve deploy`)")):
+        c = sub.add_parser(name, help=helptext, description=helptext)
+        c.add_argument("config", nargs="?", default=None, help=cfg_help)
+
+    g = sub.add_parser("generate", help="generate images for a prompt (cluster, or --local)",
+                       description="Submit a job to the cluster, show live progress, download the PNGs and a "
+                                   "grid. Midjourney-style flags in the prompt work: --ar W:H --seed N --no a, b "
+                                   "--steps N --cfg X --n N.")
     _add_generation_args(g)
-    d = sub.add_parser("demo", help="a 2x2 grid for a demo prompt; prints where the PNG is",
-                       description="Generate a 2x2 grid for a demo prompt with the built-in model.")
-    d.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f"prompt (default: {DEMO_PROMPT!r})")
+    d = sub.add_parser("demo", help="start the cluster and generate grids for a few prompts",
+                       description="`imagine up`, then a 2x2 grid for each demo prompt; prints paths and URLs.")
+    d.add_argument("config", nargs="?", default=None, help=cfg_help)
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
-    d.add_argument("--model", default=None, help="model folder with pipeline.json (default: built-in)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    d.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
     return p
 
 
 def _add_generation_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("prompt", help="what to draw")
+    g.add_argument("prompt", help="what to draw (may carry --ar/--seed/--no/--steps/--cfg/--n flags)")
     g.add_argument("--negative", default="", help="what not to draw (negative prompt)")
-    g.add_argument("--n", type=int, default=4, help="number of images (default: 4, a 2x2 grid)")
+    g.add_argument("--n", type=int, default=None, help="number of images (default: 4, a 2x2 grid)")
     g.add_argument("--size", default=None, help="WxH of the delivered image (default: the model's)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
@@ -49,14 +64,63 @@ def _add_generation_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
     g.add_argument("--upscale", type=int, default=None, choices=(1, 2, 4), help="super-resolution factor")
     g.add_argument("--best-of", type=int, default=1, help="sample n*best_of and keep the n CLIP ranks best")
-    g.add_argument("--model", default=None, help="model folder with pipeline.json (default: built-in)")
     g.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
+    g.add_argument("--config", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    g.add_argument("--endpoint", default=None, help="API endpoint (default: from the config)")
+    g.add_argument("--api-key", default=None, help="API key (default: the first in the config's key file)")
+    g.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
+    g.add_argument("--model", default=None, help="with --local: model folder (default: built-in)")
+
+
+def _fields(args) -> dict:
+    body = {"negative_prompt": args.negative, "n": args.n, "size": args.size, "steps": args.steps,
+            "guidance_scale": args.cfg, "scheduler": args.scheduler, "seed": args.seed,
+            "upscale": args.upscale, "best_of": args.best_of}
+    return {k: v for k, v in body.items() if v not in (None, "")}
 
 
 def cmd_generate(args) -> int:
+    if args.local:
+        return cmd_generate_local(args)
+    from cluster.client import ClientError, ImagineClient
+    c = Cluster.load(args.config)
+    keys = c.cfg.api.load_api_keys()
+    client = ImagineClient(args.endpoint or c.endpoint, api_key=args.api_key or (sorted(keys)[0] if keys else None))
+    t0 = time.perf_counter()
+    try:
+        out = client.generate(args.prompt, out_dir=args.out, on_event=_stage_bar(), **_fields(args))
+    except ClientError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"\nerror: cannot reach {client.base_url} ({e}); is the cluster up? (`imagine up`)", file=sys.stderr)
+        return 2
+    job = out.job
+    print(f"\njob {job['id']}: {len(out.paths)} images in {time.perf_counter() - t0:.1f}s")
+    for path, img in zip(out.paths, job["images"]):
+        print(f"  {path}  (s3 key {img['key']}, seed {img['seed']})")
+    print(f"grid: {out.grid.resolve()}")
+    return 0
+
+
+def _stage_bar():
+    """A live progress bar labelled with the job's current stage."""
+    from tqdm import tqdm
+    bar = tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<14} {bar} {n:.0f}%")
+
+    def update(record: dict) -> None:
+        bar.set_description_str(record.get("stage") or record["state"])
+        bar.n = round(100 * record.get("progress", 0.0))
+        bar.refresh()
+        if record["state"] in ("succeeded", "failed", "cancelled"):
+            bar.close()
+    return update
+
+
+def cmd_generate_local(args) -> int:
     from pipeline import InvalidRequestError, Pipeline, make_grid
 
-    body = {"prompt": args.prompt, "negative_prompt": args.negative, "n": args.n, "steps": args.steps,
+    body = {"prompt": args.prompt, "negative_prompt": args.negative, "n": args.n or 4, "steps": args.steps,
             "guidance_scale": args.cfg, "scheduler": args.scheduler, "seed": args.seed,
             "upscale": args.upscale, "best_of": args.best_of}
     if args.size:
@@ -87,10 +151,77 @@ def cmd_generate(args) -> int:
     return 0
 
 
+DEMO_PROMPTS = ("a red circle on a black background", "a blue square on a yellow background",
+                "a white triangle on a purple background --seed 7")
+
+
 def cmd_demo(args) -> int:
-    args.negative, args.n, args.size, args.steps, args.cfg = "", 4, None, None, None
-    args.scheduler, args.upscale, args.best_of = None, None, 1
-    return cmd_generate(args)
+    """Start the cluster (or run locally) and make a 2x2 grid per demo prompt."""
+    gen = argparse.Namespace(negative="", n=None, size=None, steps=None, cfg=None, scheduler=None, seed=None,
+                             upscale=None, best_of=1, config=args.config, endpoint=None, api_key=None,
+                             local=args.local, model=None)
+    if not args.local:
+        rc = cmd_up(argparse.Namespace(config=args.config))
+        if rc:
+            return rc
+    for i, prompt in enumerate(DEMO_PROMPTS):
+        print(f"\n== {prompt}")
+        rc = cmd_generate(argparse.Namespace(**vars(gen), prompt=prompt, out=args.out / f"prompt{i}"))
+        if rc:
+            return rc
+    if not args.local:
+        print("\nThe cluster is still running: `imagine status`, `imagine generate \"...\"`, `imagine down`.")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from cluster import launcher
+    c = Cluster.load(args.config)
+    print("starting Ray, the local S3 server and the application (first start: about a minute)...")
+    info = launcher.up(c)
+    print(f"""ready in {info['seconds']}s
+  endpoint   {info['endpoint']}   (OpenAI-compatible: {info['endpoint']}/v1)
+  api key    {info['api_key'] or '(auth disabled)'}
+  S3         {info['s3_endpoint']}  bucket {info['bucket']}
+  images     {info['images']}
+  dashboard  {info['dashboard']}
+stop with `imagine down`""")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cluster import launcher
+    launcher.down(Cluster.load(args.config))
+    print("stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cluster import launcher
+    st = launcher.status(Cluster.load(args.config))
+    if st.get("ray") == "down":
+        print("not running (start with `imagine up`)")
+        return 1
+    print(f"application: {st['app']}")
+    for name, d in st["deployments"].items():
+        print(f"  {name:<12} {d['status']:<10} replicas {d['replicas']}/{d['target']}")
+    print(f"health: {json.dumps(st['health'])}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from cluster import launcher
+    st = launcher.apply(Cluster.load(args.config))
+    for name, d in st["deployments"].items():
+        print(f"  {name:<12} {d['status']:<10} replicas {d['replicas']}/{d['target']}")
+    return 0
+
+
+def cmd_serve_config(args) -> int:
+    from cluster.config import render_serve_config_yaml
+    c = Cluster.load(args.config)
+    print(render_serve_config_yaml(c.cfg), end="")
+    return 0
 
 
 def _progress_bar():
@@ -108,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down,
+                "status": cmd_status, "apply": cmd_apply, "serve-config": cmd_serve_config}
+    try:
+        return commands[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

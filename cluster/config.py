@@ -283,6 +283,7 @@ class ApiConfig(_Model):
     api_keys_env: str = "IMAGINE_API_KEYS"  # comma-separated keys, added to the file's
     auth: Literal["auto", "required", "disabled"] = "auto"  # auto = required when any key is configured
     request_timeout_s: float = Field(300.0, gt=0)
+    stall_timeout_s: float = Field(60.0, gt=0)  # a Diffuser stream silent this long fails its job (dead replica)
     max_queued_requests: int = 64  # Serve's max_queued_requests on the ingress (429 when full); -1 = unlimited
 
     @field_validator("max_queued_requests")
@@ -422,10 +423,22 @@ class ImagineConfig(_Model):
                 "name": cfg.cluster.app_name,
                 "route_prefix": cfg.cluster.route_prefix,
                 "import_path": IMPORT_PATH,
-                "args": {"config": cfg.model_dump(mode="json")},
+                "args": {"config": cfg.replica_view()},
                 "deployments": [cfg._deployment(name) for name in DEPLOYMENT_NAMES],
             }],
         }
+
+    def replica_view(self) -> dict:
+        """What replicas read (the application's `args`): the config without scaling settings.
+
+        Serve rebuilds every deployment whose init args change, so replicas, autoscaling, queue
+        and batch settings stay out of the args; they reach Serve through each deployment's
+        options and `user_config`, which Serve applies in place (no replica restarts).
+        """
+        d = self.model_dump(mode="json")
+        keep = {"model", "device", "ray_actor_options"}
+        d["stages"] = {name: {k: v for k, v in stage.items() if k in keep} for name, stage in d["stages"].items()}
+        return d
 
     def _deployment(self, name: str) -> dict:
         stage = self.stage(name)

@@ -41,6 +41,10 @@ class JobCancelled(Exception):
     pass
 
 
+class DiffuserStalled(RuntimeError):
+    pass
+
+
 @dataclass
 class ActiveJob:
     record: JobRecord
@@ -236,8 +240,19 @@ class Ingress:
         progress = [0.0] * len(sample_requests)
         images = [None] * len(sample_requests)
 
+        stall = self.cfg.api.stall_timeout_s
+
         async def consume(i: int, sr) -> None:
-            async for event in self.diffuser.options(stream=True).sample.remote(sr):
+            stream = self.diffuser.options(stream=True).sample.remote(sr)
+            while True:  # a replica that dies mid-stream may never end it: bound the wait per event
+                try:
+                    event = await asyncio.wait_for(stream.__anext__(), stall)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    stream.cancel()
+                    raise DiffuserStalled(f"no progress from the Diffuser for {stall:.0f}s "
+                                          "(its replica may have died)") from None
                 if "image" in event:
                     images[i] = event["image"]
                 else:
@@ -358,6 +373,6 @@ class Ingress:
 
 def _error_type(e: Exception) -> str:
     name = type(e).__name__
-    if "ActorDied" in name or "ActorError" in name or "ActorUnavailable" in name or "Unavailable" in name:
+    if isinstance(e, DiffuserStalled) or "ActorDied" in name or "ActorError" in name or "ActorUnavailable" in name or "Unavailable" in name:
         return "replica_failure"
     return "generation_error"

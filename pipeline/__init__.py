@@ -2,10 +2,21 @@
 
     from pipeline import Pipeline, GenerationRequest
     results = Pipeline.load().generate([GenerationRequest(prompt="a red circle on a black background", n=4)])
-"""
-from .generate import GenerationResult, Pipeline, generate, make_grid, to_pil
-from .spec import ModelInfo, PipelineSpec
-from .request import GenerationRequest, InvalidRequestError, ResolvedRequest
 
-__all__ = ["GenerationRequest", "GenerationResult", "InvalidRequestError", "ModelInfo", "Pipeline", "PipelineSpec",
-           "ResolvedRequest", "generate", "make_grid", "to_pil"]
+Names are imported lazily, so torch-free parts (`pipeline.request`, `pipeline.spec`,
+`pipeline.images`) can be used without importing torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "GenerationResult": "generate", "Pipeline": "generate", "generate": "generate", "to_pil": "generate",
+    "make_grid": "images", "ModelInfo": "spec", "PipelineSpec": "spec",
+    "GenerationRequest": "request", "InvalidRequestError": "request", "ResolvedRequest": "request",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -141,13 +141,3 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [0, 1] -> PIL RGB images (rounded, as PNG stores them)."""
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
-
-
-def make_grid(images: list[Image.Image], cols: int = 2) -> Image.Image:
-    """Tile images into a grid (the 2x2 of a default job)."""
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid

@@ -1,0 +1,217 @@
+"""The local launcher: `imagine up`, `down`, `status`, `apply` on this machine.
+
+`up` starts a Ray head (token auth off, temp dir in the work area), the local S3 server
+(SeaweedFS) and the application, waits until /healthz answers, and returns, as `ray start` does.
+`apply` deploys the config through Ray's dashboard API (the same as `serve deploy`): changing a
+stage's replicas is applied in place, without restarting the other replicas.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from cluster.config import ImagineConfig, render_serve_config_yaml
+
+logger = logging.getLogger(__name__)
+DEFAULT_CONFIG = "imagine.yaml"
+
+
+@dataclass
+class Cluster:
+    """The local cluster of one config: where its state lives and how to reach it."""
+    cfg: ImagineConfig
+    base: Path  # the config's folder: relative paths in the config are relative to it
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Cluster":
+        if path is None and Path(DEFAULT_CONFIG).is_file():
+            path = DEFAULT_CONFIG
+        base = Path(path).resolve().parent if path else Path.cwd()
+        return cls(ImagineConfig.load(path).resolve_paths(base), base)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base / ".imagine"
+
+    @property
+    def endpoint(self) -> str:
+        c = self.cfg.cluster
+        return f"http://{c.http_host}:{c.http_port}{c.route_prefix.rstrip('/')}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.cluster.dashboard_port}"
+
+    def env(self) -> dict:
+        return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text(text)
+
+
+# ---- up -----------------------------------------------------------------------------------------
+def ensure_credentials(c: Cluster) -> tuple[str, str]:
+    """Local S3 credentials: from env or the credentials file; created on first start."""
+    s = c.cfg.storage
+    if not (os.environ.get(s.access_key_env) and os.environ.get(s.secret_key_env)) and s.credentials_file \
+            and not Path(s.credentials_file).is_file():
+        if not s.local.enabled:
+            raise SystemExit(f"no S3 credentials: set {s.access_key_env}/{s.secret_key_env} or write "
+                             f"{s.credentials_file}")
+        _write_secret(Path(s.credentials_file), json.dumps(
+            {"access_key": "imagine-" + secrets.token_hex(4), "secret_key": secrets.token_urlsafe(30)}))
+    key, secret = s.credentials()
+    return key, secret.get_secret_value()
+
+
+def ensure_api_key(c: Cluster) -> str | None:
+    """Create one API key on first start (when none is configured); return one to print."""
+    api = c.cfg.api
+    keys = api.load_api_keys()
+    if not keys and api.auth != "disabled" and api.api_keys_file:
+        key = "imk_" + secrets.token_urlsafe(24)
+        _write_secret(Path(api.api_keys_file), key + "\n")
+        return key
+    return sorted(keys)[0] if keys else None
+
+
+def start_s3(c: Cluster, key: str, secret: str) -> str:
+    from cluster.seaweed import LocalS3Server
+    s = c.cfg.storage
+    if not s.local.enabled:
+        return s.endpoint_url or "AWS S3"
+    data = Path(s.local.data_dir)
+    running = LocalS3Server.from_pidfile(data)
+    if running is None:
+        LocalS3Server(data, s.local.port, key, secret).start()
+    return s.endpoint_url
+
+
+def start_ray(c: Cluster) -> None:
+    """A Ray head with token auth off and its temp dir in the work area (idempotent)."""
+    if _ray_running(c):
+        return
+    cpus = max(os.cpu_count() or 1, int(sum(c.cfg.stage(n).ray_actor_options.num_cpus
+                                            for n in ("ingress", "text_encoder", "diffuser", "upscaler",
+                                                      "publisher")) + 1))
+    cmd = [_bin("ray"), "start", "--head", "--port", "0", "--temp-dir", str(Path(c.cfg.cluster.temp_dir)),
+           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(c.cfg.cluster.dashboard_port), "--num-cpus", str(cpus),
+           "--metrics-export-port", str(c.cfg.monitoring.metrics_export_port), "--disable-usage-stats"]
+    out = subprocess.run(cmd, env=c.env(), capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise SystemExit(f"ray start failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    _wait(lambda: _ray_running(c), 120, "Ray dashboard")
+
+
+def _ray_running(c: Cluster) -> bool:
+    try:
+        return requests.get(f"{c.dashboard}/api/version", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def apply(c: Cluster, wait_s: float = 600) -> dict:
+    """Deploy the config's Serve application (in place when it already runs) and wait for it."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    serve_config = c.cfg.serve_config()
+    (c.state_dir).mkdir(parents=True, exist_ok=True)
+    (c.state_dir / "serve-config.yaml").write_text(render_serve_config_yaml(c.cfg))
+    ServeSubmissionClient(c.dashboard).deploy_applications(serve_config)
+    _wait(lambda: app_status(c) in ("RUNNING",), wait_s, "the application", fail=lambda: app_status(c) in (
+        "DEPLOY_FAILED", "UNHEALTHY"))
+    _wait(lambda: _healthy(c), 120, "/healthz")
+    return status(c)
+
+
+def app_status(c: Cluster) -> str | None:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    try:
+        apps = ServeSubmissionClient(c.dashboard).get_serve_details().get("applications", {})
+    except Exception:
+        return None
+    app = apps.get(c.cfg.cluster.app_name)
+    return app.get("status") if app else None
+
+
+def _healthy(c: Cluster) -> bool:
+    try:
+        return requests.get(f"{c.endpoint}/healthz", timeout=10).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _wait(cond, timeout_s: float, what: str, fail=lambda: False) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if cond():
+            return
+        if fail():
+            raise SystemExit(f"{what} failed to start; see `imagine status` and the Ray logs")
+        time.sleep(1)
+    raise SystemExit(f"{what} not ready after {timeout_s:.0f}s")
+
+
+def up(c: Cluster) -> dict:
+    t0 = time.monotonic()
+    key, secret = ensure_credentials(c)
+    s3 = start_s3(c, key, secret)
+    api_key = ensure_api_key(c)
+    start_ray(c)
+    from cluster.storage import Storage
+    Storage.from_config(c.cfg.storage).ensure_bucket()
+    apply(c)
+    return {"endpoint": c.endpoint, "api_key": api_key, "s3_endpoint": s3, "bucket": c.cfg.storage.bucket,
+            "images": f"s3://{c.cfg.storage.bucket}/images/<job_id>/<index>.png", "dashboard": c.dashboard,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+# ---- status / down ----------------------------------------------------------------------------
+def status(c: Cluster) -> dict:
+    """Each deployment's status and replicas (from Serve), plus /healthz."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    if not _ray_running(c):
+        return {"ray": "down"}
+    details = ServeSubmissionClient(c.dashboard).get_serve_details()
+    app = details.get("applications", {}).get(c.cfg.cluster.app_name, {})
+    deployments = {}
+    for name, d in app.get("deployments", {}).items():
+        replicas = d.get("replicas", [])
+        deployments[name] = {"status": d.get("status"),
+                             "replicas": sum(r.get("state") == "RUNNING" for r in replicas),
+                             "target": d.get("target_num_replicas")}
+    health = None
+    try:
+        health = requests.get(f"{c.endpoint}/healthz", timeout=10).json()
+    except requests.RequestException:
+        pass
+    return {"ray": "up", "app": app.get("status"), "deployments": deployments, "health": health}
+
+
+def down(c: Cluster) -> None:
+    from cluster.seaweed import stop_from_pidfile
+    if _ray_running(c):
+        try:
+            from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+            ServeSubmissionClient(c.dashboard).delete_applications()
+        except Exception as e:
+            logger.warning("could not delete the Serve application: %s", e)
+    subprocess.run([_bin("ray"), "stop", "--force"], env=c.env(), capture_output=True, timeout=120)
+    if c.cfg.storage.local.enabled:
+        stop_from_pidfile(Path(c.cfg.storage.local.data_dir))

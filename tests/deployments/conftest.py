@@ -1,0 +1,71 @@
+"""One real Ray cluster (with its dashboard, for declarative deploys), a real SeaweedFS and the
+real application deployed as `imagine apply` does it. No mocks of the system under test."""
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ImagineConfig
+from cluster.launcher import Cluster, apply
+from cluster.seaweed import find_free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    dashboard_port = find_free_port()
+    temp = REPO / ".imagine" / f"ray-tests-{os.getpid()}"
+    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             _temp_dir=str(temp), logging_level="WARNING", log_to_driver=False)
+    yield dashboard_port
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def app_config(tiny_model_dir, s3_server, ray_cluster, tmp_path_factory):
+    """The config of the test application: tiny model, test S3, one API key."""
+    state = tmp_path_factory.mktemp("imagine-state")
+    key = "imk_test_" + secrets.token_hex(8)
+    (state / "api_keys").write_text(key + "\n")
+    (state / "s3.json").write_text(
+        f'{{"access_key": "{s3_server.access_key}", "secret_key": "{s3_server.secret_key}"}}')
+    cfg = ImagineConfig.from_dict({
+        "model": str(tiny_model_dir),
+        "cluster": {"http_port": find_free_port(), "dashboard_port": ray_cluster},
+        "storage": {"endpoint_url": s3_server.endpoint_url, "bucket": "imagine-test", "credentials_file":
+                    str(state / "s3.json"), "local": {"enabled": False}, "max_attempts": 1,
+                    "connect_timeout_s": 2, "read_timeout_s": 10},
+        "api": {"api_keys_file": str(state / "api_keys"), "request_timeout_s": 120, "stall_timeout_s": 15},
+        "monitoring": {"metrics_export_port": find_free_port(), "prometheus_port": find_free_port()},
+        "stages": {"diffuser": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+                   "text_encoder": {"ray_actor_options": {"num_cpus": 0.5}},
+                   "upscaler": {"ray_actor_options": {"num_cpus": 0.5}}},
+    })
+    return cfg, key
+
+
+@pytest.fixture(scope="session")
+def app(app_config, make_storage):
+    """The deployed application: (cluster, base url, api key)."""
+    cfg, key = app_config
+    make_storage("imagine-test").ensure_bucket()
+    cluster = Cluster(cfg, REPO)
+    apply(cluster)
+    return cluster, cluster.endpoint, key
+
+
+@pytest.fixture
+def http(app):
+    import requests
+    _, url, key = app
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {key}"
+    s.base = url
+    return s
