@@ -28,8 +28,18 @@ from pipeline.request import GenerationRequest, InvalidRequestError
 from pipeline.spec import ModelInfo
 
 from .common import parse_config
-from .protocol import (APIError, BadRequest, GenerationBody, GenerationFailed, NotFound, OpenAIImagesBody,
-                       Overloaded, StorageUnavailable, TimedOut, Unauthorized, to_generation_request)
+from .protocol import (
+    APIError,
+    GenerationBody,
+    GenerationFailed,
+    NotFound,
+    OpenAIImagesBody,
+    Overloaded,
+    StorageUnavailable,
+    TimedOut,
+    Unauthorized,
+    to_generation_request,
+)
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="imagine", description="Text-to-image on Ray Serve (OpenAI Images API compatible).")
@@ -372,7 +382,8 @@ class Ingress:
 
 
 def _error_type(e: Exception) -> str:
+    """'replica_failure' for a dead or unreachable replica (Ray's actor errors), else 'generation_error'."""
     name = type(e).__name__
-    if isinstance(e, DiffuserStalled) or "ActorDied" in name or "ActorError" in name or "ActorUnavailable" in name or "Unavailable" in name:
+    if isinstance(e, DiffuserStalled) or any(w in name for w in ("ActorDied", "ActorError", "Unavailable")):
         return "replica_failure"
     return "generation_error"

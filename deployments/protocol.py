@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.request import InvalidRequestError, MAX_PROMPT_CHARS
+from pipeline.request import MAX_PROMPT_CHARS, InvalidRequestError
 from pipeline.spec import ModelInfo
 
 
@@ -24,10 +24,6 @@ class APIError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.param, self.code, self.headers = message, param, code, headers or {}
-
-
-class BadRequest(APIError):
-    status_code, type = 422, "invalid_request_error"
 
 
 class Unauthorized(APIError):
@@ -52,11 +48,6 @@ class GenerationFailed(APIError):
 
 class TimedOut(APIError):
     status_code, type = 504, "timeout_error"
-
-
-# Fields the OpenAI SDK may send that have no meaning here; accepted and ignored.
-OPENAI_IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_format",
-                  "output_compression", "partial_images", "stream")
 
 
 class GenerationBody(BaseModel):

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from .text_encoder import BPE_FILE, write_bpe_merges
-from .upscaler import RRDBConfig, RRDBNet, Upscaler
+from .upscaler import RRDBNet, Upscaler
 
 ARCHS: dict[str, dict] = {
     "builtin": {

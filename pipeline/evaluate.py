@@ -17,14 +17,13 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from . import analyzer, domain
 from .configs import write_model
-from .generate import BUILTIN_DIR, Pipeline, to_pil
+from .generate import Pipeline
 from .request import GenerationRequest
 from .train import EVAL_DEGRADATION, degrade
 

@@ -21,9 +21,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from .request import GenerationRequest, InvalidRequestError, ResolvedRequest
-from .sampler import SampleRequest, Sampler
+from .sampler import Sampler, SampleRequest
 from .scorer import Scorer
-from .spec import BUILTIN_DIR, ModelInfo, PipelineSpec
+from .spec import ModelInfo, PipelineSpec
 from .text_encoder import PromptEmbeds, TextEncoder
 from .upscaler import Upscaler
 

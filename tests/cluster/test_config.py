@@ -7,8 +7,14 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from cluster.config import (DEPLOYMENT_NAMES, STAGES, ConfigError, ImagineConfig, render_serve_config_yaml,
-                            validate_serve_config)
+from cluster.config import (
+    DEPLOYMENT_NAMES,
+    STAGES,
+    ConfigError,
+    ImagineConfig,
+    render_serve_config_yaml,
+    validate_serve_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-XYZ"

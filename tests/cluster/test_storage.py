@@ -10,10 +10,26 @@ from types import SimpleNamespace
 import pytest
 from pydantic import SecretStr
 
-from cluster.seaweed import LocalS3Server, all_ports, derived_ports, find_free_port, pick_s3_port, port_is_free, \
-    stop_from_pidfile
-from cluster.storage import KeyNotFound, PreconditionFailed, Storage, StorageError, decode_metadata, \
-    encode_metadata, fit_metadata, image_key, job_key
+from cluster.seaweed import (
+    LocalS3Server,
+    all_ports,
+    derived_ports,
+    find_free_port,
+    pick_s3_port,
+    port_is_free,
+    stop_from_pidfile,
+)
+from cluster.storage import (
+    KeyNotFound,
+    PreconditionFailed,
+    Storage,
+    StorageError,
+    decode_metadata,
+    encode_metadata,
+    fit_metadata,
+    image_key,
+    job_key,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 PROMPT = "  un chat roux über café, 100% 🐱 — 猫 "

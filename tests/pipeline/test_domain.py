@@ -11,10 +11,28 @@ import torch.nn.functional as F
 
 from pipeline import analyzer, domain
 from pipeline.domain import (
-    ALL_COMBOS, CAPTION_TEMPLATES, COLOR_NAMES, COLORS, HELD_OUT, MARGIN, PROMPT_COMBOS,
-    PROMPT_LIST, SEEN, SHAPES, SIZE_RANGE, ProceduralDataset, Scene, canonical_caption,
-    caption, format_caption, is_held_out, parse_caption, render, render_batch,
-    sample_scene, sample_scenes,
+    ALL_COMBOS,
+    CAPTION_TEMPLATES,
+    COLOR_NAMES,
+    COLORS,
+    HELD_OUT,
+    MARGIN,
+    PROMPT_COMBOS,
+    PROMPT_LIST,
+    SEEN,
+    SHAPES,
+    SIZE_RANGE,
+    ProceduralDataset,
+    Scene,
+    canonical_caption,
+    caption,
+    format_caption,
+    is_held_out,
+    parse_caption,
+    render,
+    render_batch,
+    sample_scene,
+    sample_scenes,
 )
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.configs import build_unet, build_vae, clip_model_cfg, save_diffusion
-from pipeline.sampler import SampleRequest, Sampler
+from pipeline.sampler import Sampler, SampleRequest
 
 
 def make_request(pipe, prompt="a red circle", negative="", **kw) -> SampleRequest:
