@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from cluster.config import ConfigError
+from cluster.k8s import add_k8s_commands, cmd_k8s
 from cluster.launcher import DEFAULT_CONFIG, Cluster
 
 logger = logging.getLogger("imagine")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="?", default=None, help=cfg_help)
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     d.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
+    add_k8s_commands(sub)
     return p
 
 
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down,
-                "status": cmd_status, "apply": cmd_apply, "serve-config": cmd_serve_config}
+                "status": cmd_status, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s}
     try:
         return commands[args.command](args)
     except ConfigError as e:
