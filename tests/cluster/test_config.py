@@ -154,7 +154,13 @@ def test_serve_config_matches_serve_schema(tmp_path):
     validate_serve_config(d)
     app = d["applications"][0]
     assert app["import_path"] == "deployments.app:build_app_from_args"
-    assert ImagineConfig.from_dict(app["args"]["config"]) == cfg
+    # replicas get the config without scaling settings (those reach Serve as deployment options,
+    # applied in place); everything else round-trips
+    replica_cfg = ImagineConfig.from_dict(app["args"]["config"])
+    assert replica_cfg == ImagineConfig.from_dict(cfg.replica_view())
+    assert replica_cfg.storage == cfg.storage and replica_cfg.stages.diffuser.ray_actor_options.num_gpus == 0.5
+    assert "autoscaling" not in app["args"]["config"]["stages"]["diffuser"]
+    assert "num_replicas" not in app["args"]["config"]["stages"]["upscaler"]
     deps = {dep["name"]: dep for dep in app["deployments"]}
     assert list(deps) == ["Ingress", "TextEncoder", "Diffuser", "Upscaler", "Publisher"]
     assert deps["Ingress"]["max_queued_requests"] == 64 and "user_config" not in deps["Ingress"]
