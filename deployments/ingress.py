@@ -88,6 +88,14 @@ async def _validation(request: Request, e: RequestValidationError):
     return error_response(422, f"{param}: {msg}", "invalid_request_error", param)
 
 
+def _error_type(e: Exception) -> str:
+    """'replica_failure' for a dead or unreachable replica (Ray's actor errors), else 'generation_error'."""
+    name = type(e).__name__
+    if isinstance(e, DiffuserStalled) or any(w in name for w in ("ActorDied", "ActorError", "Unavailable")):
+        return "replica_failure"
+    return "generation_error"
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -286,8 +294,9 @@ class Ingress:
     async def _fail(self, job: ActiveJob, error: str, error_type: str) -> None:
         job.record = JobRecord.model_validate({**job.record.model_dump(), "state": "failed", "error": error,
                                                "error_type": error_type, "updated_at": time.time()})
+        logger.warning("job %s failed (%s): %s", job.record.id, error_type, error)
         stored = await self._safe(self.store.mark_failed, job.record.id, error, error_type)
-        if stored is not None:
+        if stored is not None and stored.is_terminal():
             job.record = stored
 
     async def _safe(self, fn, *args):
@@ -302,6 +311,12 @@ class Ingress:
     async def _get_record(self, job_id: str) -> JobRecord:
         job = self.active.get(job_id)
         if job is not None:
+            if job.task is not None and job.task.done() and not job.record.is_terminal():
+                # the runner ended without recording an outcome: never report such a job as running
+                logger.error("job %s runner ended in state %s", job_id, job.record.state)
+                job.record = JobRecord.model_validate({**job.record.model_dump(), "state": "failed",
+                                                       "error": "the job runner stopped without an outcome",
+                                                       "error_type": "internal_error"})
             return job.record
         try:
             return await self._storage_call(self.store.get, job_id)
@@ -379,11 +394,3 @@ class Ingress:
             except Exception as e:
                 logger.warning("stale-job check failed: %s", e)
             await asyncio.sleep(60)
-
-
-def _error_type(e: Exception) -> str:
-    """'replica_failure' for a dead or unreachable replica (Ray's actor errors), else 'generation_error'."""
-    name = type(e).__name__
-    if isinstance(e, DiffuserStalled) or any(w in name for w in ("ActorDied", "ActorError", "Unavailable")):
-        return "replica_failure"
-    return "generation_error"
