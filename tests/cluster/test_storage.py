@@ -180,6 +180,9 @@ def test_stop_from_pidfile_stops_a_server_another_process_started(tmp_path):
     s.put_bytes("k", b"v")
     assert stop_from_pidfile(data_dir) is True
     assert not server.is_running() and not (data_dir / "weed.pid").exists()
+    deadline = time.monotonic() + 10  # the kernel may take a moment to release the listeners
+    while not all(port_is_free(p) for p in all_ports(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert all(port_is_free(p) for p in all_ports(port))
     assert stop_from_pidfile(data_dir) is False and LocalS3Server.from_pidfile(data_dir) is None
 
