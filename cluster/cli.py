@@ -206,7 +206,8 @@ def cmd_status(args) -> int:
         return 1
     print(f"application: {st['app']}")
     for name, d in st["deployments"].items():
-        print(f"  {name:<12} {d['status']:<10} replicas {d['replicas']}/{d['target']}")
+        print(f"  {name:<12} {d['status']:<10} replicas {d['replicas']}/{d['target']}  "
+              f"ongoing {d.get('ongoing', 'n/a')}  queued {d.get('queued', 'n/a')}")
     print(f"health: {json.dumps(st['health'])}")
     return 0
 

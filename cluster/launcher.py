@@ -190,18 +190,37 @@ def status(c: Cluster) -> dict:
         return {"ray": "down"}
     details = ServeSubmissionClient(c.dashboard).get_serve_details()
     app = details.get("applications", {}).get(c.cfg.cluster.app_name, {})
+    load = serve_load(c)
     deployments = {}
     for name, d in app.get("deployments", {}).items():
         replicas = d.get("replicas", [])
         deployments[name] = {"status": d.get("status"),
                              "replicas": sum(r.get("state") == "RUNNING" for r in replicas),
-                             "target": d.get("target_num_replicas")}
+                             "target": d.get("target_num_replicas"), **load.get(name, {})}
     health = None
     try:
         health = requests.get(f"{c.endpoint}/healthz", timeout=10).json()
     except requests.RequestException:
         pass
     return {"ray": "up", "app": app.get("status"), "deployments": deployments, "health": health}
+
+
+def serve_load(c: Cluster) -> dict[str, dict]:
+    """Ongoing and queued requests per deployment, from Serve's own metrics on Ray's metrics port."""
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        text = requests.get(f"http://127.0.0.1:{c.cfg.monitoring.metrics_export_port}/metrics", timeout=5).text
+    except requests.RequestException:
+        return {}
+    wanted = {"ray_serve_replica_processing_queries": "ongoing", "ray_serve_deployment_queued_queries": "queued"}
+    out: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = wanted.get(sample.name)
+            name = sample.labels.get("deployment")
+            if key and name and sample.labels.get("application", c.cfg.cluster.app_name) == c.cfg.cluster.app_name:
+                out.setdefault(name, {"ongoing": 0, "queued": 0})[key] += int(sample.value)
+    return out
 
 
 def down(c: Cluster) -> None:
