@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from cluster.config import ImagineConfig, render_serve_config_yaml
+from cluster.config import DEPLOYMENT_NAMES, ImagineConfig, render_serve_config_yaml
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = "imagine.yaml"
@@ -107,9 +107,8 @@ def start_ray(c: Cluster) -> None:
     """A Ray head with token auth off and its temp dir in the work area (idempotent)."""
     if _ray_running(c):
         return
-    cpus = max(os.cpu_count() or 1, int(sum(c.cfg.stage(n).ray_actor_options.num_cpus
-                                            for n in ("ingress", "text_encoder", "diffuser", "upscaler",
-                                                      "publisher")) + 1))
+    asked = sum(c.cfg.stage(n).ray_actor_options.num_cpus for n in DEPLOYMENT_NAMES)
+    cpus = max(os.cpu_count() or 1, int(asked + 1))
     cmd = [_bin("ray"), "start", "--head", "--port", "0", "--temp-dir", str(Path(c.cfg.cluster.temp_dir)),
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(c.cfg.cluster.dashboard_port), "--num-cpus", str(cpus),
