@@ -103,13 +103,41 @@ def start_s3(c: Cluster, key: str, secret: str) -> str:
     return s.endpoint_url
 
 
+# Ray puts Unix sockets under <temp>/session_<date>_<time>_<pid>/sockets/, the longest being
+# "dash_MetricsHead"; Linux caps a socket path at 107 bytes, beyond which the dashboard dies with
+# "Module MetricsHead failed to start". The session part takes about 72 bytes (76 where Ray adds
+# "/ray" to a RAY_TMPDIR).
+_RAY_SOCKET_SUFFIX = len("/ray/session_2026-11-25_17-51-20_770971_1234567/sockets/dash_MetricsHead")
+_UNIX_PATH_MAX = 107
+
+
+def ray_temp_dir(path: str | os.PathLike) -> Path:
+    """A temp dir for Ray that keeps its data at `path` (in the work area) but whose socket paths
+    fit the Unix limit: a deep `path` is reached through a short symlink in the system temp dir."""
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    if len(str(path)) + _RAY_SOCKET_SUFFIX <= _UNIX_PATH_MAX:
+        return path
+    import hashlib
+    import tempfile
+    link = Path(tempfile.gettempdir()) / f"imagine-ray-{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    if link.is_symlink() and Path(os.readlink(link)) != path:
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(path, target_is_directory=True)
+    if len(str(link)) + _RAY_SOCKET_SUFFIX > _UNIX_PATH_MAX:
+        raise SystemExit(f"cannot place Ray's sockets for temp dir {path}: set TMPDIR to a short path")
+    return link
+
+
 def start_ray(c: Cluster) -> None:
     """A Ray head with token auth off and its temp dir in the work area (idempotent)."""
     if _ray_running(c):
         return
     asked = sum(c.cfg.stage(n).ray_actor_options.num_cpus for n in DEPLOYMENT_NAMES)
     cpus = max(os.cpu_count() or 1, int(asked + 1))
-    cmd = [_bin("ray"), "start", "--head", "--port", "0", "--temp-dir", str(Path(c.cfg.cluster.temp_dir)),
+    temp = ray_temp_dir(c.cfg.cluster.temp_dir)
+    cmd = [_bin("ray"), "start", "--head", "--port", "0", "--temp-dir", str(temp),
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(c.cfg.cluster.dashboard_port), "--num-cpus", str(cpus),
            "--metrics-export-port", str(c.cfg.monitoring.metrics_export_port), "--disable-usage-stats"]

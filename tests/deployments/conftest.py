@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ImagineConfig
-from cluster.launcher import Cluster, apply
+from cluster.launcher import Cluster, apply, ray_temp_dir
 from cluster.seaweed import find_free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +19,7 @@ def ray_cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     dashboard_port = find_free_port()
-    temp = REPO / ".imagine" / f"ray-tests-{os.getpid()}"
+    temp = ray_temp_dir(REPO / ".imagine" / f"ray-tests-{os.getpid()}")
     ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              _temp_dir=str(temp), logging_level="WARNING", log_to_driver=False)
     yield dashboard_port

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from cluster.launcher import ray_temp_dir
 from cluster.seaweed import find_free_port
 from tests.deployments.conftest import REPO
 
@@ -21,7 +22,7 @@ def test_stages_land_on_separate_nodes(app_config, tmp_path):
     stages["text_encoder"]["ray_actor_options"] = {"num_cpus": 0.5, "resources": {"accel_a": 1}}
     stages["upscaler"]["ray_actor_options"] = {"num_cpus": 0.5, "resources": {"accel_a": 1}}
     stages["diffuser"]["ray_actor_options"] = {"num_cpus": 1, "resources": {"accel_b": 1}}
-    temp = REPO / ".imagine" / f"ray-mn-{os.getpid()}"
+    temp = ray_temp_dir(REPO / ".imagine" / f"ray-mn-{os.getpid()}")
     out = subprocess.run([sys.executable, str(REPO / "tests/deployments/multinode_app.py"), json.dumps(d),
                           str(temp)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
