@@ -17,7 +17,7 @@ def test_builtin_model_follows_prompts():
     seen = [(p, c) for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if not domain.is_held_out(c)][:4]
     held = [(p, c) for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if domain.is_held_out(c)][:4]
     results = pipe.generate([{"prompt": p, "n": 2, "seed": 100, "upscale": 1} for p, _ in seen + held])
-    images = torch.stack([torch.from_numpy(__import__("numpy").asarray(img)).permute(2, 0, 1).float() / 255
+    images = torch.stack([torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1).float() / 255
                           for r in results for img in r.images])
     combos = [c for _, c in seen + held for _ in range(2)]
     analyses = analyzer.analyze_batch(images)

@@ -1,0 +1,173 @@
+"""The metrics every deployment exports, through Ray's metrics path.
+
+Metrics are `ray.serve.metrics` objects: Serve adds the `deployment`, `replica` and `application`
+labels, and Ray's per-node metrics agent exports them (next to Serve's own `ray_serve_*` metrics) on
+each node's metrics export port. Ray prefixes every exported name with `ray_`; the Prometheus scrape
+config (`monitoring/prometheus.yml`, and the PodMonitor on k8s) renames `ray_imagine_*` back to
+`imagine_*`. Labels are bounded: no prompts, job ids or free text.
+
+Each name below is the name Prometheus stores (after that rename). `METRICS` is the catalogue that
+the dashboards, the alert rules and the tests refer to.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+# Log-spaced from 2 ms to 10 min, so every stage's range falls on fine buckets: text encoding (ms),
+# sampling (0.1 s .. minutes on CPU), upscaling, S3 writes (ms .. s), and whole jobs.
+LATENCY_BUCKETS = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0, 600.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+ERROR_REASONS = ("cancelled", "timeout", "invalid_request", "storage", "out_of_memory", "replica_failure", "internal")
+
+# name -> (type, labels added by imagine (Serve adds deployment, replica, application), help)
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    # every stage (TextEncoder, Diffuser, Upscaler, Publisher)
+    "imagine_stage_requests_total": ("counter", (), "Calls handled by the stage (one per image or prompt)."),
+    "imagine_stage_errors_total": ("counter", ("reason",), "Calls that raised, by reason."),
+    "imagine_stage_latency_seconds": ("histogram", (), "Time a call spends in the replica, batch wait included."),
+    "imagine_stage_batch_size": ("histogram", (), "Items per batch the stage runs."),
+    "imagine_stage_ongoing_requests": ("gauge", (), "Calls in flight in the replica (queued for a batch or running)."),
+    "imagine_stage_replicas_max": ("gauge", (), "The stage's replica ceiling from the config (max_replicas)."),
+    "imagine_accelerator_memory_bytes": ("gauge", ("device",),
+                                         "Accelerator memory in use: CUDA allocated, or process RSS on CPU."),
+    "imagine_model_load_seconds": ("gauge", (), "Time the replica took to load its model."),
+    # Diffuser
+    "imagine_denoising_steps_total": ("counter", (), "Denoising steps done, one per image per step."),
+    "imagine_denoising_step_seconds": ("histogram", (), "Wall time of one batched denoising step."),
+    "imagine_images_generated_total": ("counter", (), "Images the Diffuser finished sampling."),
+    # Publisher
+    "imagine_storage_writes_total": ("counter", ("outcome",), "S3 object writes, by outcome (ok, error)."),
+    "imagine_storage_write_bytes_total": ("counter", (), "Bytes written to S3."),
+    "imagine_storage_write_seconds": ("histogram", (), "Latency of one S3 write."),
+    "imagine_images_published_total": ("counter", (), "Images written to S3 for succeeded jobs."),
+    # Ingress
+    "imagine_http_requests_total": ("counter", ("handler", "method", "code"), "HTTP requests, by route template."),
+    "imagine_jobs_submitted_total": ("counter", (), "Jobs accepted."),
+    "imagine_jobs_finished_total": ("counter", ("state",), "Jobs ended, by state (succeeded, failed, cancelled)."),
+    "imagine_jobs": ("gauge", ("state",), "Jobs held by the ingress replica, by state (queued, running)."),
+    "imagine_job_latency_seconds": ("histogram", (), "End-to-end latency of succeeded jobs (accepted to published)."),
+    "imagine_job_queue_wait_seconds": ("histogram", (), "Time from acceptance to the job's first denoising step."),
+}
+_BOUNDARIES = {"imagine_stage_batch_size": BATCH_BUCKETS, "imagine_denoising_step_seconds": STEP_BUCKETS}
+
+_lock = threading.Lock()
+_objects: dict[str, object] = {}
+
+
+def metric(name: str):
+    """The Ray metric object for `name` (one per process), created on first use."""
+    with _lock:
+        if name not in _objects:
+            from ray.serve import metrics as serve_metrics
+            kind, labels, help_ = METRICS[name]
+            exported = name[:-len("_total")] if kind == "counter" and name.endswith("_total") else name
+            if kind == "counter":  # Ray adds the `_total` suffix to counters itself
+                obj = serve_metrics.Counter(exported, description=help_, tag_keys=labels)
+            elif kind == "gauge":
+                obj = serve_metrics.Gauge(exported, description=help_, tag_keys=labels)
+            else:
+                obj = serve_metrics.Histogram(exported, description=help_, tag_keys=labels,
+                                              boundaries=_BOUNDARIES.get(name, LATENCY_BUCKETS))
+            _objects[name] = obj
+        return _objects[name]
+
+
+def inc(name: str, value: float = 1.0, **tags: str) -> None:
+    metric(name).inc(value, tags=tags or None)
+
+
+def observe(name: str, value: float, **tags: str) -> None:
+    metric(name).observe(value, tags=tags or None)
+
+
+def set_gauge(name: str, value: float, **tags: str) -> None:
+    metric(name).set(value, tags=tags or None)
+
+
+def error_reason(e: BaseException) -> str:
+    """A bounded reason for an exception (the label of imagine_stage_errors_total)."""
+    import asyncio
+    name = type(e).__name__
+    if isinstance(e, asyncio.CancelledError) or "Cancel" in name:
+        return "cancelled"
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)) or "Timeout" in name or "Stalled" in name:
+        return "timeout"
+    if "InvalidRequest" in name or isinstance(e, ValueError):
+        return "invalid_request"
+    if "Storage" in name or "ClientError" in name or "EndpointConnection" in name:
+        return "storage"
+    if "OutOfMemory" in name or isinstance(e, MemoryError):
+        return "out_of_memory"
+    if any(w in name for w in ("ActorDied", "ActorError", "Unavailable")):
+        return "replica_failure"
+    return "internal"
+
+
+class StageMetrics:
+    """Per-replica instrumentation of one stage: calls, errors, latency, batches, memory, load time."""
+
+    def __init__(self, device: str = "cpu", memory_every_s: float = 5.0):
+        self.device = device
+        self._ongoing = 0
+        self._ongoing_lock = threading.Lock()
+        set_gauge("imagine_stage_ongoing_requests", 0)
+        self._memory_every_s = memory_every_s
+        threading.Thread(target=self._sample_memory, name="imagine-memory", daemon=True).start()
+
+    @contextlib.asynccontextmanager
+    async def call(self, items: int = 1):
+        """Time one call of `items` items; count it, and its error with a bounded reason."""
+        self._add_ongoing(items)
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException as e:
+            inc("imagine_stage_errors_total", items, reason=error_reason(e))
+            raise
+        finally:
+            self._add_ongoing(-items)
+            inc("imagine_stage_requests_total", items)
+            observe("imagine_stage_latency_seconds", time.perf_counter() - start)
+
+    def batch(self, size: int) -> None:
+        observe("imagine_stage_batch_size", size)
+
+    def loaded(self, seconds: float) -> None:
+        set_gauge("imagine_model_load_seconds", seconds)
+
+    def replicas_max(self, n: int) -> None:
+        set_gauge("imagine_stage_replicas_max", n)
+
+    def _add_ongoing(self, n: int) -> None:
+        with self._ongoing_lock:
+            self._ongoing += n
+            value = self._ongoing
+        set_gauge("imagine_stage_ongoing_requests", value)
+
+    def _sample_memory(self) -> None:
+        while True:
+            try:
+                set_gauge("imagine_accelerator_memory_bytes", memory_in_use(self.device), device=self.device)
+            except Exception as e:  # never let a metric kill the replica
+                logger.debug("memory sample failed: %s", e)
+            time.sleep(self._memory_every_s)
+
+
+def memory_in_use(device: str) -> float:
+    """CUDA memory allocated on `device`, or this process's resident set size on CPU."""
+    if device.startswith("cuda"):
+        import torch
+        return float(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        import resource
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
