@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from cluster.config import ConfigError
+from cluster.dashboards_cli import add_dashboard_commands, cmd_dashboards
 from cluster.k8s import add_k8s_commands, cmd_k8s
 from cluster.launcher import DEFAULT_CONFIG, Cluster
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     d.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
     add_k8s_commands(sub)
+    add_dashboard_commands(sub)
     return p
 
 
@@ -187,8 +189,16 @@ def cmd_up(args) -> int:
   S3         {info['s3_endpoint']}  bucket {info['bucket']}
   images     {info['images']}
   dashboard  {info['dashboard']}
+  prometheus {_prometheus_line(c, info['prometheus'])}
 stop with `imagine down`""")
     return 0
+
+
+def _prometheus_line(c: Cluster, url: str | None) -> str:
+    from cluster.prometheus import INSTALL_HINT
+    if url:
+        return f"{url}   (alerts: {url}/alerts)"
+    return f"not installed; {INSTALL_HINT}" if c.cfg.monitoring.enabled else "(monitoring disabled)"
 
 
 def cmd_down(args) -> int:
@@ -209,6 +219,8 @@ def cmd_status(args) -> int:
         print(f"  {name:<12} {d['status']:<10} replicas {d['replicas']}/{d['target']}  "
               f"ongoing {d.get('ongoing', 'n/a')}  queued {d.get('queued', 'n/a')}")
     print(f"health: {json.dumps(st['health'])}")
+    if st.get("prometheus"):
+        print(f"prometheus: {st['prometheus']}")
     return 0
 
 
@@ -243,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down,
-                "status": cmd_status, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s}
+                "status": cmd_status, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s,
+                "dashboards": cmd_dashboards}
     try:
         return commands[args.command](args)
     except ConfigError as e:

@@ -131,9 +131,15 @@ class StageConfig(_Model):
                              f"'{self.device}'; use device 'auto' or 'cuda', or num_gpus 0")
         return self
 
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this stage can have: autoscaling's ceiling, or the fixed count."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+
     def user_config(self) -> dict | None:
-        """The settings Serve hands to `reconfigure()` on live replicas (batching); None = none."""
-        return None
+        """The settings Serve hands to `reconfigure()` on live replicas, in place: the replica ceiling
+        (exported as imagine_stage_replicas_max for the queue-at-max alert) and batching."""
+        return {"max_replicas": self.max_replicas}
 
 
 class _BatchedStage(StageConfig):
@@ -150,7 +156,7 @@ class _BatchedStage(StageConfig):
         return self
 
     def user_config(self) -> dict:
-        return {k: getattr(self, k) for k in self.batch_keys}
+        return {**super().user_config(), **{k: getattr(self, k) for k in self.batch_keys}}
 
 
 class TextEncoderConfig(_BatchedStage):
@@ -160,10 +166,17 @@ class TextEncoderConfig(_BatchedStage):
 
 
 class DiffuserConfig(_BatchedStage):
-    """The diffusion sampler: `request` batches whole requests, `step` joins requests between denoising steps."""
-    batch_keys: ClassVar[tuple[str, ...]] = ("batching", "max_batch_size", "batch_wait_timeout_s")
+    """The diffusion sampler: `step` (continuous batching) lets requests join and leave the running batch
+    between denoising steps; `request` batches whole requests with `@serve.batch` (the comparison).
 
-    batching: Literal["request", "step"] = "request"
+    With `step`, `max_batch_size` bounds the images in flight per replica, `batch_wait_timeout_s` is how
+    long an idle replica waits to gather its first batch, and `join` when waiting requests enter:
+    `every_step` (at each step boundary) or `when_empty` (only once the running batch has drained).
+    """
+    batch_keys: ClassVar[tuple[str, ...]] = ("batching", "join", "max_batch_size", "batch_wait_timeout_s")
+
+    batching: Literal["request", "step"] = "step"
+    join: Literal["every_step", "when_empty"] = "every_step"
     max_ongoing_requests: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
@@ -181,6 +194,9 @@ class IngressConfig(StageConfig):
 
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.5))
     max_ongoing_requests: int = Field(100, ge=1)
+
+    def user_config(self) -> dict | None:
+        return None
 
     @field_validator("max_queued_requests")
     @classmethod

@@ -1,7 +1,8 @@
 """The local launcher: `imagine up`, `down`, `status`, `apply` on this machine.
 
 `up` starts a Ray head (token auth off, temp dir in the work area), the local S3 server
-(SeaweedFS) and the application, waits until /healthz answers, and returns, as `ray start` does.
+(SeaweedFS), a local Prometheus on Ray's metrics (when installed) and the application, waits until
+/healthz answers, and returns, as `ray start` does.
 `apply` deploys the config through Ray's dashboard API (the same as `serve deploy`): changing a
 stage's replicas is applied in place, without restarting the other replicas.
 """
@@ -199,6 +200,7 @@ def up(c: Cluster) -> dict:
     t0 = time.monotonic()
     key, secret = ensure_credentials(c)
     s3 = start_s3(c, key, secret)
+    prometheus = start_prometheus(c)
     api_key = ensure_api_key(c)
     start_ray(c)
     from cluster.storage import Storage
@@ -206,7 +208,39 @@ def up(c: Cluster) -> dict:
     apply(c)
     return {"endpoint": c.endpoint, "api_key": api_key, "s3_endpoint": s3, "bucket": c.cfg.storage.bucket,
             "images": f"s3://{c.cfg.storage.bucket}/images/<job_id>/<index>.png", "dashboard": c.dashboard,
-            "seconds": round(time.monotonic() - t0, 1)}
+            "prometheus": prometheus, "seconds": round(time.monotonic() - t0, 1)}
+
+
+# ---- Prometheus -------------------------------------------------------------------------------
+def prometheus_dir(c: Cluster) -> Path:
+    return c.state_dir / "prometheus"
+
+
+def start_prometheus(c: Cluster) -> str | None:
+    """The local Prometheus (cluster/prometheus.py) on the service discovery file Ray writes into its temp dir;
+    its URL, or None when monitoring is disabled or Prometheus is not installed (`up` goes on without it)."""
+    from cluster.prometheus import LocalPrometheus, PrometheusError, find_prometheus
+    m = c.cfg.monitoring
+    if not m.enabled or find_prometheus() is None:
+        return None
+    ray_temp = Path(c.cfg.cluster.temp_dir)
+    try:
+        running = LocalPrometheus.from_pidfile(prometheus_dir(c))
+        if running is not None:  # from an earlier `up`: point it at this config's Ray temp dir again
+            running.scrape(ray_temp)
+            return running.url
+        server = LocalPrometheus(prometheus_dir(c), m.prometheus_port, ray_temp_dir=ray_temp)
+        server.start()
+    except PrometheusError as e:
+        raise SystemExit(f"Prometheus: {e}") from e
+    return server.url
+
+
+def prometheus_url(c: Cluster) -> str | None:
+    """The URL of the local Prometheus when it runs."""
+    from cluster.prometheus import LocalPrometheus
+    running = LocalPrometheus.from_pidfile(prometheus_dir(c))
+    return running.url if running is not None else None
 
 
 # ---- status / down ----------------------------------------------------------------------------
@@ -229,7 +263,8 @@ def status(c: Cluster) -> dict:
         health = requests.get(f"{c.endpoint}/healthz", timeout=10).json()
     except requests.RequestException:
         pass
-    return {"ray": "up", "app": app.get("status"), "deployments": deployments, "health": health}
+    return {"ray": "up", "app": app.get("status"), "deployments": deployments, "health": health,
+            "prometheus": prometheus_url(c)}
 
 
 def serve_load(c: Cluster) -> dict[str, dict]:
@@ -261,3 +296,5 @@ def down(c: Cluster) -> None:
     subprocess.run([_bin("ray"), "stop", "--force"], env=c.env(), capture_output=True, timeout=120)
     if c.cfg.storage.local.enabled:
         stop_from_pidfile(Path(c.cfg.storage.local.data_dir))
+    from cluster.prometheus import stop_from_pidfile as stop_prometheus
+    stop_prometheus(prometheus_dir(c))

@@ -23,6 +23,12 @@ def pick_device(stage_cfg) -> str:
     return "cpu"
 
 
+def start_metrics(device: str = "cpu"):
+    """This replica's StageMetrics (see deployments/metrics.py)."""
+    from .metrics import StageMetrics
+    return StageMetrics(device)
+
+
 def setup_torch(stage_cfg) -> None:
     """One replica, its share of cores: follow the CPUs Ray gave it (OMP_NUM_THREADS)."""
     import torch

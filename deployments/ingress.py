@@ -27,6 +27,7 @@ from cluster.storage import Storage, StorageError
 from pipeline.request import GenerationRequest, InvalidRequestError
 from pipeline.spec import ModelInfo
 
+from . import metrics as m
 from .common import parse_config
 from .protocol import (
     APIError,
@@ -61,12 +62,44 @@ class ActiveJob:
     task: asyncio.Task | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     persisted_at: float = 0.0
+    accepted_at: float = field(default_factory=time.monotonic)
+    waited: bool = False  # the queue wait (acceptance to first denoising step) has been observed
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, headers=headers,
                         content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def _handler(scope) -> str:
+    """The route template the router matched (bounded label values: never the job id itself)."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+class _CountRequests:
+    """ASGI middleware: imagine_http_requests_total by route template, method and status (SSE-safe)."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            m.inc("imagine_http_requests_total", handler=_handler(scope), method=scope["method"], code=str(status[0]))
+
+
+app.add_middleware(_CountRequests)
 
 
 @app.exception_handler(APIError)
@@ -192,8 +225,19 @@ class Ingress:
         record = await self._storage_call(self.store.create, {**req.model_dump(), "model": self.info.spec.name})
         job = ActiveJob(record)
         self.active[record.id] = job
+        m.inc("imagine_jobs_submitted_total")
+        self._report_jobs()
         job.task = asyncio.get_event_loop().create_task(self._run(job, req))
         return job
+
+    def _report_jobs(self) -> None:
+        """imagine_jobs{state}: the jobs this replica holds that are not finished, by state."""
+        counts = {"queued": 0, "running": 0}
+        for j in self.active.values():
+            if j.record.state in counts:
+                counts[j.record.state] += 1
+        for state, n in counts.items():
+            m.set_gauge("imagine_jobs", n, state=state)
 
     def _check_limits(self, fields: dict) -> None:
         lim = self.cfg.limits
@@ -219,6 +263,11 @@ class Ingress:
             await self._fail(job, f"{type(e).__name__} in stage {job.record.stage}: {e}"[:2000], _error_type(e))
         finally:
             job.changed.set()
+            state = job.record.state if job.record.is_terminal() else "failed"
+            m.inc("imagine_jobs_finished_total", state=state)
+            if state == "succeeded":
+                m.observe("imagine_job_latency_seconds", time.monotonic() - job.accepted_at)
+            self._report_jobs()
             asyncio.get_event_loop().call_later(KEEP_FINISHED_S, self.active.pop, job.record.id, None)
 
     async def _pipeline(self, job: ActiveJob, req) -> None:
@@ -229,6 +278,7 @@ class Ingress:
 
         # 1. text encoding: prompt and negative prompt, batched with other jobs' prompts
         await self._update(job, state="running", stage="text_encoder", progress=0.02, force=True)
+        self._report_jobs()
         (pe, pp), (ne, np_) = await asyncio.gather(self.text_encoder.encode.remote(req.prompt),
                                                    self.text_encoder.encode.remote(req.negative_prompt))
         emb = PromptEmbeds(prompt_embeds=torch.stack([pe, ne]), pooled=torch.stack([pp, np_]))
@@ -274,6 +324,9 @@ class Ingress:
                 if "image" in event:
                     images[i] = event["image"]
                 else:
+                    if not job.waited:
+                        job.waited = True
+                        m.observe("imagine_job_queue_wait_seconds", time.monotonic() - job.accepted_at)
                     progress[i] = event["progress"]
                     await self._update(job, progress=0.05 + 0.8 * sum(progress) / len(progress))
 

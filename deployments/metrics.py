@@ -80,7 +80,8 @@ def metric(name: str):
 
 
 def inc(name: str, value: float = 1.0, **tags: str) -> None:
-    metric(name).inc(value, tags=tags or None)
+    if value > 0:  # Ray's counters refuse 0
+        metric(name).inc(value, tags=tags or None)
 
 
 def observe(name: str, value: float, **tags: str) -> None:

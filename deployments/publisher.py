@@ -4,10 +4,12 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 
 from ray import serve
 
-from .common import parse_config
+from . import metrics as m
+from .common import parse_config, start_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -17,9 +19,16 @@ class Publisher:
     def __init__(self, config: dict):
         from cluster.storage import Storage
 
+        t0 = time.perf_counter()
         cfg = parse_config(config)
+        self.metrics = start_metrics("cpu")
         self.storage = Storage.from_config(cfg.storage)
         self.storage.ensure_bucket()
+        self.reconfigure(cfg.stages.publisher.user_config())
+        self.metrics.loaded(time.perf_counter() - t0)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.metrics.replicas_max(user_config["max_replicas"])
 
     async def publish(self, job_id: str, images, metadata: list[dict]) -> list[dict]:
         """Write images/<job_id>/<i>.png for each (3, H, W) image; all or nothing.
@@ -27,7 +36,25 @@ class Publisher:
         Returns one record per image (key, width, height, seed, score). On a storage error the
         images already written for this job are deleted and the error propagates.
         """
-        return await asyncio.to_thread(self._publish, job_id, images, metadata)
+        async with self.metrics.call(len(images)):
+            self.metrics.batch(len(images))
+            records = await asyncio.to_thread(self._publish, job_id, images, metadata)
+        m.inc("imagine_images_published_total", len(records))
+        return records
+
+    def _put(self, job_id: str, i: int, png: bytes, meta: dict) -> str:
+        """One S3 write, timed and counted by outcome."""
+        start = time.perf_counter()
+        try:
+            key = self.storage.put_png(job_id, i, png, meta)
+        except Exception:
+            m.inc("imagine_storage_writes_total", outcome="error")
+            raise
+        finally:
+            m.observe("imagine_storage_write_seconds", time.perf_counter() - start)
+        m.inc("imagine_storage_writes_total", outcome="ok")
+        m.inc("imagine_storage_write_bytes_total", len(png))
+        return key
 
     def _publish(self, job_id, images, metadata):
         from pipeline.generate import to_pil
@@ -36,7 +63,7 @@ class Publisher:
             for i, (img, meta) in enumerate(zip(to_pil(images), metadata)):
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
-                written.append(self.storage.put_png(job_id, i, buf.getvalue(), meta))
+                written.append(self._put(job_id, i, buf.getvalue(), meta))
                 records.append({"key": written[-1], "width": img.width, "height": img.height,
                                 "seed": int(meta["seed"]), "score": meta.get("score")})
         except Exception:

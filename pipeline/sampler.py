@@ -35,12 +35,52 @@ from diffusers import (
 
 logger = logging.getLogger(__name__)
 
+
+class StableEulerAncestralScheduler(EulerAncestralDiscreteScheduler):
+    """diffusers' Euler-ancestral step with the noise split computed without cancellation.
+
+    diffusers computes sigma_down = sqrt(to^2 - to^2 (from^2 - to^2) / from^2), which is a difference of
+    two nearly equal numbers when the first sigma is huge (cosine schedules with trailing spacing and few
+    steps: sigma_max ~ 1e4+), goes slightly negative in floating point and turns the image into NaN.
+    Algebraically sigma_down = to^2 / from and sigma_up = to * sqrt(1 - (to / from)^2); same result,
+    no NaN.
+    """
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
+        from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
+            EulerAncestralDiscreteSchedulerOutput,
+        )
+        from diffusers.utils.torch_utils import randn_tensor
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        sample = sample.to(torch.float32)
+        if self.config.prediction_type == "epsilon":
+            x0 = sample - sigma * model_output
+        elif self.config.prediction_type == "v_prediction":
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        else:
+            raise ValueError(f"prediction_type {self.config.prediction_type!r} is not supported by euler_a")
+        sigma_to = self.sigmas[self.step_index + 1]
+        ratio = sigma_to / sigma
+        sigma_up = sigma_to * (1 - ratio**2).clamp(min=0) ** 0.5
+        sigma_down = sigma_to * ratio
+        prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator)
+        prev = (prev + noise * sigma_up).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev, x0)
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
 # name -> (scheduler class, overrides of the model's scheduler config)
 SCHEDULERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "euler_a": (StableEulerAncestralScheduler, {}),
 }
 
 

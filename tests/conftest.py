@@ -46,3 +46,18 @@ def make_storage(s3_server):
         return Storage(s3_server.endpoint_url, bucket or "test-" + secrets.token_hex(6),
                        access_key=s3_server.access_key, **kwargs)
     return make
+
+
+@pytest.fixture(scope="session")
+def prometheus_server(tmp_path_factory):
+    """One Prometheus for the session on a free port (1 s scrapes, monitoring/alerts.yml loaded), scraping
+    nothing yet: point it at a Ray cluster with `prometheus_server.scrape(ray_temp_dir)`, then `.query(promql)`
+    or `.wait_for(promql)`. Needs no Ray."""
+    from cluster.prometheus import INSTALL_HINT, LocalPrometheus, find_prometheus
+    from cluster.seaweed import find_free_port
+    if find_prometheus() is None:  # an install error, not a reason to skip
+        pytest.fail(f"Prometheus is not installed: {INSTALL_HINT}")
+    server = LocalPrometheus(tmp_path_factory.mktemp("prometheus"), find_free_port(), scrape_interval="1s")
+    server.start()
+    yield server
+    server.stop()

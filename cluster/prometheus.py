@@ -1,0 +1,325 @@
+"""A local Prometheus on Ray's metrics: the Debian `prometheus` binary, listening on 127.0.0.1 only.
+
+`imagine up` starts one when Prometheus is installed (`make prometheus`, or `apt-get install -y prometheus`)
+and `monitoring.enabled` is set; the tests start one on a free port. See /work/shared/INFRA-NOTES.md.
+
+    server = LocalPrometheus(Path(".imagine/prometheus"), port=9090, ray_temp_dir=Path(".imagine/ray"))
+    server.start()                         # returns once /-/ready answers (~0.1 s)
+    server.url                             # "http://127.0.0.1:9090"
+    server.query("sum by (deployment) (rate(imagine_stage_requests_total[1m]))")
+    server.scrape(Path("/other/ray/temp")) # point it at another Ray cluster (rewrites the config, /-/reload)
+    stop_from_pidfile(Path(".imagine/prometheus"))   # from any process: `imagine down`
+
+What it runs is `monitoring/prometheus.yml`, rendered by `render_local_config` with absolute paths: Ray's
+service discovery file in the given Ray temp dir (Ray rewrites it every 5 s with the metrics export port of
+every live node, so it follows nodes that join or leave), the alert rules `monitoring/alerts.yml`, and the
+scrape interval (5 s; the tests use 1 s). The scrape config renames `ray_imagine_*` to `imagine_*` and adds
+`cluster="local"` to every series.
+
+Files in data_dir: prometheus.yml (the rendered config), prometheus.log (appended), prometheus.pid (the pid,
+one line) and data/ (the TSDB; it survives a restart on the same dir). Finding a server from its pid file
+reads /proc, so that part is Linux-only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+from cluster.seaweed import _alive, _cmdline, _read_pid, _tail, port_is_free
+
+logger = logging.getLogger(__name__)
+
+# monitoring/ is a sibling of cluster/ both in the work tree and in site-packages (package data)
+MONITORING_DIR = Path(__file__).resolve().parent.parent / "monitoring"
+CONFIG_TEMPLATE = MONITORING_DIR / "prometheus.yml"
+ALERT_RULES = MONITORING_DIR / "alerts.yml"
+SD_FILE = "prom_metrics_service_discovery.json"  # Ray's name (ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE)
+PID_FILE, LOG_FILE, CONFIG_FILE, TSDB_DIR = "prometheus.pid", "prometheus.log", "prometheus.yml", "data"
+INSTALL_HINT = "install it with `make prometheus` (or `sudo apt-get install -y prometheus`)"
+
+
+class PrometheusError(RuntimeError):
+    """The local Prometheus could not be started, reloaded or queried; the message says why."""
+
+
+def find_prometheus() -> str | None:
+    """The `prometheus` binary on PATH, or None when it is not installed."""
+    return shutil.which("prometheus")
+
+
+def find_promtool() -> str | None:
+    """The `promtool` binary on PATH (it comes with the same package), or None."""
+    return shutil.which("promtool")
+
+
+def render_local_config(cfg_path_out: str | os.PathLike, ray_temp_dir: str | os.PathLike,
+                        rules_path: str | os.PathLike | None = ALERT_RULES, scrape_interval: str = "5s",
+                        cluster: str = "local") -> Path:
+    """Write monitoring/prometheus.yml to `cfg_path_out` with absolute paths and return that path.
+
+    Args:
+        cfg_path_out: the config file to write (its folder is created).
+        ray_temp_dir: Ray's temp dir; Prometheus reads `<ray_temp_dir>/prom_metrics_service_discovery.json`
+            (it need not exist yet: Prometheus picks it up when Ray writes it).
+        rules_path: the alert rules file; None for none.
+        scrape_interval: the scrape and rule evaluation interval, a Prometheus duration ("5s", "1s").
+        cluster: the value of the `cluster` label added to every series.
+    """
+    doc = yaml.safe_load(CONFIG_TEMPLATE.read_text())
+    doc["global"]["scrape_interval"] = doc["global"]["evaluation_interval"] = scrape_interval
+    doc["rule_files"] = [str(Path(rules_path).absolute())] if rules_path is not None else []
+    [job] = [j for j in doc["scrape_configs"] if j["job_name"] == "ray"]
+    job["file_sd_configs"][0]["files"] = [str(Path(ray_temp_dir).absolute() / SD_FILE)]
+    for rule in job["relabel_configs"]:
+        if rule.get("target_label") == "cluster":
+            rule["replacement"] = cluster
+    out = Path(cfg_path_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# Rendered from {CONFIG_TEMPLATE} by cluster/prometheus.py (render_local_config); "
+              "edit that file, not this one.\n")
+    out.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def _serves_dir(pid: int, data_dir: Path) -> bool:
+    """True when pid is a live Prometheus whose TSDB is in data_dir (guards against stale pid files)."""
+    if not _alive(pid):
+        return False
+    argv = _cmdline(pid)
+    return bool(argv) and Path(argv[0]).name.startswith("prometheus") \
+        and f"--storage.tsdb.path={data_dir / TSDB_DIR}" in argv
+
+
+class LocalPrometheus:
+    """One Prometheus on 127.0.0.1:port, scraping the Ray cluster whose temp dir is `ray_temp_dir`.
+
+    Args:
+        data_dir: where its config, log, pid file and TSDB live (created if missing).
+        port: the HTTP port (UI, API, /-/ready, /-/reload).
+        ray_temp_dir: Ray's temp dir (service discovery file); None scrapes nothing until `scrape()`.
+        rules_path: the alert rules (default monitoring/alerts.yml); None for none.
+        scrape_interval: scrape and rule evaluation interval ("5s"; the tests use "1s").
+        prometheus_bin: the binary (default: `prometheus` on PATH).
+    """
+
+    def __init__(self, data_dir: Path, port: int, ray_temp_dir: Path | None = None,
+                 rules_path: Path | None = ALERT_RULES, scrape_interval: str = "5s",
+                 prometheus_bin: str | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.ray_temp_dir = Path(ray_temp_dir).absolute() if ray_temp_dir is not None else None
+        self.rules_path = rules_path
+        self.scrape_interval = scrape_interval
+        self._bin = prometheus_bin
+        self._proc: subprocess.Popen | None = None
+        self._pid: int | None = None  # set when attached to a server started by another process
+
+    def __repr__(self) -> str:
+        return f"LocalPrometheus(data_dir={str(self.data_dir)!r}, url={self.url!r})"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / PID_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / CONFIG_FILE
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.pid
+        return self._pid if self._pid is not None else _read_pid(self.pid_file)
+
+    def is_running(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        pid = self.pid
+        return pid is not None and _serves_dir(pid, self.data_dir)
+
+    def start(self, timeout_s: float = 30) -> None:
+        """Render the config, start Prometheus in its own session (it outlives this process), wait for /-/ready.
+
+        Raises:
+            PrometheusError: the binary is missing, a server already runs on data_dir, the port is taken,
+                or /-/ready does not answer within timeout_s (the message ends with the log's tail).
+        """
+        binary = self._bin or find_prometheus()
+        if binary is None:
+            raise PrometheusError(f"Prometheus is not installed; {INSTALL_HINT}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        running = _read_pid(self.pid_file)
+        if running is not None and _serves_dir(running, self.data_dir):
+            raise PrometheusError(f"a Prometheus (pid {running}) already runs on {self.data_dir}; "
+                                  "stop it first (`imagine down`)")
+        if not port_is_free(self.port):
+            raise PrometheusError(f"port {self.port} is in use; choose another monitoring.prometheus_port "
+                                  "(or set monitoring.enabled: false)")
+        self._render()
+        argv = [binary, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.data_dir / TSDB_DIR}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"]
+        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        t0 = time.monotonic()
+        with open(self.log_file, "ab") as log:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        self._pid = None
+        self.pid_file.write_text(f"{self._proc.pid}\n")
+        self._wait_ready(t0, timeout_s, log_offset)
+        logger.info("Prometheus at %s (pid %d, data %s) ready in %.1f s",
+                    self.url, self._proc.pid, self.data_dir, time.monotonic() - t0)
+
+    def stop(self, timeout_s: float = 15) -> bool:
+        """SIGTERM, then SIGKILL after timeout_s; removes the pid file. Returns False when none was running."""
+        pid = self.pid
+        if pid is None or not self.is_running():
+            self._forget()
+            return False
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # exited meanwhile
+        if not self._wait_exit(pid, timeout_s):
+            logger.warning("Prometheus (pid %d) still running %.0f s after SIGTERM; sending SIGKILL", pid, timeout_s)
+            os.kill(pid, signal.SIGKILL)
+            if not self._wait_exit(pid, 5):
+                raise PrometheusError(f"Prometheus (pid {pid}) survived SIGKILL")
+        self._forget()
+        logger.info("Prometheus (pid %d) on %s stopped", pid, self.data_dir)
+        return True
+
+    def scrape(self, ray_temp_dir: Path, timeout_s: float = 10) -> None:
+        """Scrape the Ray cluster whose temp dir is `ray_temp_dir`: rewrite the config and reload it."""
+        self.ray_temp_dir = Path(ray_temp_dir).absolute()
+        self._render()
+        self.reload(timeout_s)
+
+    def reload(self, timeout_s: float = 10) -> None:
+        """Make the running server re-read its config file (POST /-/reload); raise if it rejects it."""
+        try:
+            r = requests.post(f"{self.url}/-/reload", timeout=timeout_s)
+        except requests.RequestException as e:
+            raise PrometheusError(f"cannot reach Prometheus at {self.url} to reload its config: {e}") from e
+        if r.status_code != 200:
+            raise PrometheusError(f"Prometheus rejected its config {self.config_file}: {r.text.strip()}")
+
+    def query(self, promql: str, at: float | None = None, timeout_s: float = 10) -> list[dict]:
+        """Evaluate an instant PromQL query; the `result` list of the answer (vector: [{metric, value}]).
+
+        Raises:
+            PrometheusError: Prometheus cannot be reached or answers with an error (bad PromQL, say).
+        """
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = str(at)
+        try:
+            r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=timeout_s)
+            body = r.json()
+        except (requests.RequestException, ValueError) as e:
+            raise PrometheusError(f"query {promql!r} to {self.url} failed: {e}") from e
+        if body.get("status") != "success":
+            raise PrometheusError(f"query {promql!r} failed: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]["result"]
+
+    def wait_for(self, promql: str, timeout_s: float = 30) -> list[dict]:
+        """Poll `query(promql)` until it returns a non-empty result; raise PrometheusError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = self.query(promql)
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise PrometheusError(f"{promql!r} still empty after {timeout_s} s; targets: {self.targets()}")
+            time.sleep(0.2)
+
+    def targets(self) -> list[dict]:
+        """The active scrape targets (/api/v1/targets): their labels, health and last error."""
+        r = requests.get(f"{self.url}/api/v1/targets", params={"state": "active"}, timeout=10)
+        return [{"scrapeUrl": t["scrapeUrl"], "health": t["health"], "lastError": t["lastError"],
+                 "labels": t["labels"]} for t in r.json()["data"]["activeTargets"]]
+
+    @classmethod
+    def from_pidfile(cls, data_dir: Path) -> LocalPrometheus | None:
+        """The server running on data_dir, started by any process; None (and a stale pid file removed) if none."""
+        data_dir = Path(data_dir).resolve()
+        pid = _read_pid(data_dir / PID_FILE)
+        if pid is None:
+            return None
+        if not _serves_dir(pid, data_dir):
+            (data_dir / PID_FILE).unlink(missing_ok=True)
+            return None
+        argv = _cmdline(pid) or []
+        address = next((a.split("=", 1)[1] for a in argv if a.startswith("--web.listen-address=")), None)
+        if address is None:
+            raise PrometheusError(f"Prometheus (pid {pid}) on {data_dir} has no --web.listen-address flag; "
+                                  f"stop it by hand: kill {pid}")
+        server = cls(data_dir, int(address.rsplit(":", 1)[1]), prometheus_bin=argv[0])
+        server._pid = pid
+        return server
+
+    # -- helpers --
+
+    def _render(self) -> None:
+        # Without a Ray cluster yet, point at a file that does not exist: Prometheus scrapes nothing until then.
+        sd_dir = self.ray_temp_dir if self.ray_temp_dir is not None else self.data_dir / "no-ray-cluster"
+        render_local_config(self.config_file, sd_dir, self.rules_path, self.scrape_interval)
+
+    def _ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _wait_ready(self, t0: float, timeout_s: float, log_offset: int) -> None:
+        while time.monotonic() - t0 < timeout_s:
+            if self._proc.poll() is not None:
+                self._forget()
+                raise PrometheusError(f"prometheus exited with code {self._proc.returncode} during startup; "
+                                      f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
+            if self._ready():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise PrometheusError(f"Prometheus at {self.url} was not ready within {timeout_s} s; "
+                              f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
+
+    def _wait_exit(self, pid: int, timeout_s: float) -> bool:
+        if self._proc is not None and self._proc.pid == pid:
+            try:
+                self._proc.wait(timeout_s)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _forget(self) -> None:
+        if _read_pid(self.pid_file) == self.pid:
+            self.pid_file.unlink(missing_ok=True)
+        self._pid = None
+
+
+def stop_from_pidfile(data_dir: Path, timeout_s: float = 15) -> bool:
+    """Stop the Prometheus running on data_dir, whoever started it. Returns False when none was running."""
+    server = LocalPrometheus.from_pidfile(data_dir)
+    return server.stop(timeout_s) if server is not None else False
