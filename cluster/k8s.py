@@ -551,8 +551,14 @@ def podmonitor(cfg: ImagineConfig, k8s: K8sConfig) -> dict:
             "spec": {"selector": {"matchLabels": _labels(k8s)},
                      "namespaceSelector": {"matchNames": [k8s.namespace]},
                      "podTargetLabels": ["ray.io/cluster", "ray.io/node-type", "ray.io/group"],
-                     "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics",
-                                              "interval": f"{k8s.monitoring.scrape_interval_s}s"}]}}
+                     "podMetricsEndpoints": [{
+                         "port": "metrics", "path": "/metrics", "interval": f"{k8s.monitoring.scrape_interval_s}s",
+                         # as monitoring/prometheus.yml does locally: every series names its cluster, and
+                         # Ray's `ray_` prefix comes off imagine's own metrics (the dashboards' and alerts' names)
+                         "relabelings": [{"action": "replace", "targetLabel": "cluster", "replacement": k8s.name}],
+                         "metricRelabelings": [{"action": "replace", "sourceLabels": ["__name__"],
+                                                "regex": "ray_imagine_(.*)", "targetLabel": "__name__",
+                                                "replacement": "imagine_$1"}]}]}}
 
 
 def dashboards_configmap(k8s: K8sConfig, dashboards: dict[str, str]) -> dict:

@@ -317,6 +317,9 @@ class Ingress:
                     event = await asyncio.wait_for(stream.__anext__(), stall)
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:  # the job was cancelled: free the Diffuser's slot too
+                    stream.cancel()
+                    raise
                 except asyncio.TimeoutError:
                     stream.cancel()
                     raise DiffuserStalled(f"no progress from the Diffuser for {stall:.0f}s "

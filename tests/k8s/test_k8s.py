@@ -171,7 +171,7 @@ def test_overlay_patches_the_production_set_into_the_small_one(schemas):
         ops = yaml.safe_load((SMALL / patch["path"]).read_text())
         assert ops and all(op["op"] in ("add", "replace", "remove") for op in ops)
     built = {d["kind"]: d for d in k8s.build(SMALL)}
-    assert built == rendered("small")  # patched production == the small config rendered directly
+    assert built == rendered("small", ROOT / "monitoring")  # patched production == small rendered directly
     k8s.validate_manifests(list(built.values()), schemas)
     rc = built["RayService"]["spec"]["rayClusterConfig"]
     [g] = rc["workerGroupSpecs"]

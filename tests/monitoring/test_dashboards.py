@@ -215,7 +215,7 @@ def openmetrics(start: int) -> str:
 def prometheus_api(tmp_path_factory):
     """A real Prometheus on backfilled series; yields (query URL, evaluation time)."""
     if not (shutil.which("prometheus") and shutil.which("promtool")):
-        pytest.skip("needs prometheus and promtool on PATH (apt-get install prometheus)")
+        pytest.fail("needs prometheus and promtool on PATH: run `make prometheus` (apt-get install prometheus)")
     tmp = tmp_path_factory.mktemp("prometheus")
     start = int(time.time()) // 60 * 60 - 3 * 3600  # older than the head block of a fresh server
     (tmp / "series.om").write_text(openmetrics(start))
