@@ -88,8 +88,34 @@ def observe(name: str, value: float, **tags: str) -> None:
     metric(name).observe(value, tags=tags or None)
 
 
+_gauges: dict[tuple, float] = {}
+_refresher: threading.Thread | None = None
+GAUGE_REFRESH_S = 1.0
+
+
 def set_gauge(name: str, value: float, **tags: str) -> None:
+    """Set a gauge, and keep re-reporting its value: Ray's metrics agent forgets a gauge value that is
+    not reported again within two report intervals, so a value set once (the model load time, the
+    replica ceiling, an idle queue's 0) would vanish from Prometheus."""
+    global _refresher
     metric(name).set(value, tags=tags or None)
+    with _lock:
+        _gauges[(name, tuple(sorted(tags.items())))] = value
+        if _refresher is None:
+            _refresher = threading.Thread(target=_refresh_gauges, name="imagine-gauges", daemon=True)
+            _refresher.start()
+
+
+def _refresh_gauges() -> None:
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        with _lock:
+            current = list(_gauges.items())
+        for (name, tags), value in current:
+            try:
+                metric(name).set(value, tags=dict(tags) or None)
+            except Exception as e:  # never let a metric kill the replica
+                logger.debug("gauge refresh failed for %s: %s", name, e)
 
 
 def error_reason(e: BaseException) -> str:
@@ -114,7 +140,7 @@ def error_reason(e: BaseException) -> str:
 class StageMetrics:
     """Per-replica instrumentation of one stage: calls, errors, latency, batches, memory, load time."""
 
-    def __init__(self, device: str = "cpu", memory_every_s: float = 5.0):
+    def __init__(self, device: str = "cpu", memory_every_s: float = 2.0):
         self.device = device
         self._ongoing = 0
         self._ongoing_lock = threading.Lock()

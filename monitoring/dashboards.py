@@ -281,7 +281,10 @@ def storage() -> db.Dashboard:
         .with_panel(graph("Publisher errors/s by reason", "Publisher calls that raised, by bounded reason "
                           "(storage = S3 errors).", "reqps",
                           [(sum_rate("imagine_stage_errors_total", 'deployment="Publisher"', by="reason"),
-                            "{{reason}}")]))
+                            "{{reason}}"),
+                           # 0 rather than "No data" while the Publisher has never failed
+                           (sum_rate("imagine_stage_errors_total", 'deployment="Publisher"') + " or vector(0)",
+                            "all reasons")]))
     )
 
 

@@ -18,6 +18,7 @@ def ray_cluster():
     import ray
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach Prometheus within ~2 s
     dashboard_port = find_free_port()
     temp = ray_temp_dir(REPO / ".imagine" / f"ray-tests-{os.getpid()}")
     ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
