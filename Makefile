@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: install
+demo: install prometheus
 	$(BIN)/imagine demo
 
 test: install prometheus
