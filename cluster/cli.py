@@ -122,21 +122,28 @@ def _stage_bar():
 
 
 def cmd_generate_local(args) -> int:
-    from pipeline import InvalidRequestError, Pipeline, make_grid
+    """The same request parsing as the served API (prompt flags, size), then pipeline/ in this process."""
+    from pydantic import ValidationError
 
-    body = {"prompt": args.prompt, "negative_prompt": args.negative, "n": args.n or 4, "steps": args.steps,
-            "guidance_scale": args.cfg, "scheduler": args.scheduler, "seed": args.seed,
-            "upscale": args.upscale, "best_of": args.best_of}
-    if args.size:
-        try:
-            body["width"], body["height"] = (int(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            print(f"error: --size must look like 128x128, got {args.size!r}", file=sys.stderr)
-            return 2
+    from deployments.protocol import GenerationBody, to_generation_request
+    from pipeline import InvalidRequestError, Pipeline, make_grid
+    from pipeline.spec import ModelInfo
+
+    try:
+        body = GenerationBody.model_validate({"prompt": args.prompt, **_fields(args)})
+        fields = to_generation_request(body, ModelInfo.load(args.model), default_n=4)
+    except InvalidRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    body = {k: v for k, v in fields.items() if v is not None}
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.model)
     try:
-        [res] = pipe.generate([{k: v for k, v in body.items() if v is not None}], callback=_progress_bar())
+        [res] = pipe.generate([body], callback=_progress_bar())
     except InvalidRequestError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
