@@ -25,15 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import requests
 import yaml
 
-from cluster.seaweed import _alive, _cmdline, _read_pid, _tail, port_is_free
+from cluster.localproc import LocalProcess
+from cluster.seaweed import port_is_free
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +88,7 @@ def render_local_config(cfg_path_out: str | os.PathLike, ray_temp_dir: str | os.
     return out
 
 
-def _serves_dir(pid: int, data_dir: Path) -> bool:
-    """True when pid is a live Prometheus whose TSDB is in data_dir (guards against stale pid files)."""
-    if not _alive(pid):
-        return False
-    argv = _cmdline(pid)
-    return bool(argv) and Path(argv[0]).name.startswith("prometheus") \
-        and f"--storage.tsdb.path={data_dir / TSDB_DIR}" in argv
-
-
-class LocalPrometheus:
+class LocalPrometheus(LocalProcess):
     """One Prometheus on 127.0.0.1:port, scraping the Ray cluster whose temp dir is `ray_temp_dir`.
 
     Args:
@@ -110,17 +100,24 @@ class LocalPrometheus:
         prometheus_bin: the binary (default: `prometheus` on PATH).
     """
 
+    name = "Prometheus"
+    a_name = "a Prometheus"
+    program = "prometheus"
+    error = PrometheusError
+    pid_file_name = PID_FILE
+    log_file_name = LOG_FILE
+    ready_poll_s = 0.1
+    log = logger
+
     def __init__(self, data_dir: Path, port: int, ray_temp_dir: Path | None = None,
                  rules_path: Path | None = ALERT_RULES, scrape_interval: str = "5s",
                  prometheus_bin: str | None = None):
-        self.data_dir = Path(data_dir).resolve()
+        super().__init__(data_dir)
         self.port = port
         self.ray_temp_dir = Path(ray_temp_dir).absolute() if ray_temp_dir is not None else None
         self.rules_path = rules_path
         self.scrape_interval = scrape_interval
         self._bin = prometheus_bin
-        self._proc: subprocess.Popen | None = None
-        self._pid: int | None = None  # set when attached to a server started by another process
 
     def __repr__(self) -> str:
         return f"LocalPrometheus(data_dir={str(self.data_dir)!r}, url={self.url!r})"
@@ -130,28 +127,12 @@ class LocalPrometheus:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def pid_file(self) -> Path:
-        return self.data_dir / PID_FILE
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir / LOG_FILE
+    def description(self) -> str:
+        return f"Prometheus at {self.url}"
 
     @property
     def config_file(self) -> Path:
         return self.data_dir / CONFIG_FILE
-
-    @property
-    def pid(self) -> int | None:
-        if self._proc is not None:
-            return self._proc.pid
-        return self._pid if self._pid is not None else _read_pid(self.pid_file)
-
-    def is_running(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
-        pid = self.pid
-        return pid is not None and _serves_dir(pid, self.data_dir)
 
     def start(self, timeout_s: float = 30) -> None:
         """Render the config, start Prometheus in its own session (it outlives this process), wait for /-/ready.
@@ -164,45 +145,14 @@ class LocalPrometheus:
         if binary is None:
             raise PrometheusError(f"Prometheus is not installed; {INSTALL_HINT}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        running = _read_pid(self.pid_file)
-        if running is not None and _serves_dir(running, self.data_dir):
-            raise PrometheusError(f"a Prometheus (pid {running}) already runs on {self.data_dir}; "
-                                  "stop it first (`imagine down`)")
+        self._refuse_if_running()
         if not port_is_free(self.port):
             raise PrometheusError(f"port {self.port} is in use; choose another monitoring.prometheus_port "
                                   "(or set monitoring.enabled: false)")
         self._render()
         argv = [binary, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.data_dir / TSDB_DIR}",
                 f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"]
-        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        t0 = time.monotonic()
-        with open(self.log_file, "ab") as log:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
-        self._pid = None
-        self.pid_file.write_text(f"{self._proc.pid}\n")
-        self._wait_ready(t0, timeout_s, log_offset)
-        logger.info("Prometheus at %s (pid %d, data %s) ready in %.1f s",
-                    self.url, self._proc.pid, self.data_dir, time.monotonic() - t0)
-
-    def stop(self, timeout_s: float = 15) -> bool:
-        """SIGTERM, then SIGKILL after timeout_s; removes the pid file. Returns False when none was running."""
-        pid = self.pid
-        if pid is None or not self.is_running():
-            self._forget()
-            return False
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass  # exited meanwhile
-        if not self._wait_exit(pid, timeout_s):
-            logger.warning("Prometheus (pid %d) still running %.0f s after SIGTERM; sending SIGKILL", pid, timeout_s)
-            os.kill(pid, signal.SIGKILL)
-            if not self._wait_exit(pid, 5):
-                raise PrometheusError(f"Prometheus (pid {pid}) survived SIGKILL")
-        self._forget()
-        logger.info("Prometheus (pid %d) on %s stopped", pid, self.data_dir)
-        return True
+        self._launch(argv, timeout_s)
 
     def scrape(self, ray_temp_dir: Path, timeout_s: float = 10) -> None:
         """Scrape the Ray cluster whose temp dir is `ray_temp_dir`: rewrite the config and reload it."""
@@ -254,31 +204,20 @@ class LocalPrometheus:
         return [{"scrapeUrl": t["scrapeUrl"], "health": t["health"], "lastError": t["lastError"],
                  "labels": t["labels"]} for t in r.json()["data"]["activeTargets"]]
 
+    # -- LocalProcess hooks --
+
     @classmethod
-    def from_pidfile(cls, data_dir: Path) -> LocalPrometheus | None:
-        """The server running on data_dir, started by any process; None (and a stale pid file removed) if none."""
-        data_dir = Path(data_dir).resolve()
-        pid = _read_pid(data_dir / PID_FILE)
-        if pid is None:
-            return None
-        if not _serves_dir(pid, data_dir):
-            (data_dir / PID_FILE).unlink(missing_ok=True)
-            return None
-        argv = _cmdline(pid) or []
+    def _is_server_argv(cls, argv: list[str], data_dir: Path) -> bool:
+        # a Prometheus whose TSDB is in data_dir
+        return Path(argv[0]).name.startswith("prometheus") and f"--storage.tsdb.path={data_dir / TSDB_DIR}" in argv
+
+    @classmethod
+    def _from_argv(cls, data_dir: Path, pid: int, argv: list[str]) -> LocalPrometheus:
         address = next((a.split("=", 1)[1] for a in argv if a.startswith("--web.listen-address=")), None)
         if address is None:
             raise PrometheusError(f"Prometheus (pid {pid}) on {data_dir} has no --web.listen-address flag; "
                                   f"stop it by hand: kill {pid}")
-        server = cls(data_dir, int(address.rsplit(":", 1)[1]), prometheus_bin=argv[0])
-        server._pid = pid
-        return server
-
-    # -- helpers --
-
-    def _render(self) -> None:
-        # Without a Ray cluster yet, point at a file that does not exist: Prometheus scrapes nothing until then.
-        sd_dir = self.ray_temp_dir if self.ray_temp_dir is not None else self.data_dir / "no-ray-cluster"
-        render_local_config(self.config_file, sd_dir, self.rules_path, self.scrape_interval)
+        return cls(data_dir, int(address.rsplit(":", 1)[1]), prometheus_bin=argv[0])
 
     def _ready(self) -> bool:
         try:
@@ -286,37 +225,12 @@ class LocalPrometheus:
         except requests.RequestException:
             return False
 
-    def _wait_ready(self, t0: float, timeout_s: float, log_offset: int) -> None:
-        while time.monotonic() - t0 < timeout_s:
-            if self._proc.poll() is not None:
-                self._forget()
-                raise PrometheusError(f"prometheus exited with code {self._proc.returncode} during startup; "
-                                      f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
-            if self._ready():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise PrometheusError(f"Prometheus at {self.url} was not ready within {timeout_s} s; "
-                              f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
+    # -- helpers --
 
-    def _wait_exit(self, pid: int, timeout_s: float) -> bool:
-        if self._proc is not None and self._proc.pid == pid:
-            try:
-                self._proc.wait(timeout_s)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout_s
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
-    def _forget(self) -> None:
-        if _read_pid(self.pid_file) == self.pid:
-            self.pid_file.unlink(missing_ok=True)
-        self._pid = None
+    def _render(self) -> None:
+        # Without a Ray cluster yet, point at a file that does not exist: Prometheus scrapes nothing until then.
+        sd_dir = self.ray_temp_dir if self.ray_temp_dir is not None else self.data_dir / "no-ray-cluster"
+        render_local_config(self.config_file, sd_dir, self.rules_path, self.scrape_interval)
 
 
 def stop_from_pidfile(data_dir: Path, timeout_s: float = 15) -> bool:

