@@ -1,4 +1,4 @@
-"""Kubernetes manifests (cluster/k8s.py): rendered from the config, committed, and valid against the real schemas.
+"""Kubernetes manifests (cluster/k8s/): rendered from the config, committed, and valid against the real schemas.
 
 Offline: KubeRay v1.7.0 and prometheus-operator v0.93.0 CRDs from $IMAGINE_K8S_SCHEMAS (default
 ../shared/k8s-schemas; a missing folder fails these tests), built-in kinds with kubernetes-validate, the

@@ -1,0 +1,219 @@
+"""The cluster config (k8s/cluster.yaml): what only Kubernetes needs to know, `K8sConfig`."""
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.config import ConfigError
+from cluster.k8s.weights import parse_s3_uri
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_UNITS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_quantity(q: str) -> float:
+    """A Kubernetes quantity ("500m", "32Gi") as a number (cores or bytes)."""
+    m = _QUANTITY.match(str(q))
+    if m is None:
+        raise ValueError(f"{q!r} is not a Kubernetes quantity such as 4, 500m, 16Gi")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+    def to_k8s(self) -> dict:
+        d = {"key": self.key, "operator": self.operator, "value": self.value, "effect": self.effect,
+             "tolerationSeconds": self.toleration_seconds}
+        return {k: v for k, v in d.items() if v is not None}
+
+
+class _Group(_Model):
+    memory: str = "32Gi"  # the pod's memory (request = limit)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+    @field_validator("memory")
+    @classmethod
+    def _quantity(cls, v: str) -> str:
+        parse_quantity(v)
+        return v
+
+
+class HeadGroup(_Group):
+    """The Ray head: GCS, dashboard, Serve controller, the autoscaler beside it; a CPU pod."""
+    cpu: str = "4"  # the pod's CPU (request = limit)
+    memory: str = "16Gi"
+    num_cpus: int = Field(0, ge=0)  # Ray CPUs for replicas on the head; 0 = none (KubeRay's advice for production)
+
+    @model_validator(mode="after")
+    def _room(self) -> "HeadGroup":
+        if self.num_cpus > parse_quantity(self.cpu):
+            raise ValueError(f"num_cpus ({self.num_cpus}) must be <= the pod's cpu ({self.cpu})")
+        return self
+
+
+class WorkerGroup(_Group):
+    """One KubeRay worker group: identical nodes that the Ray autoscaler adds and removes."""
+    name: str
+    replicas: int = Field(1, ge=0)  # nodes at start
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=0)
+    cpus: int = Field(8, ge=1)  # per node: Ray's num-cpus and the pod's CPU
+    gpus: int = Field(0, ge=0)  # per node: Ray's num-gpus and the pod's `gpu_resource` limit
+    gpu_resource: str = "nvidia.com/gpu"
+    resources: dict[str, int] = Field(default_factory=dict)  # custom Ray resources per node (the autoscaler wants ints)
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, v: str) -> str:
+        if not _DNS_LABEL.match(v) or len(v) > 40:
+            raise ValueError(f"name {v!r} must be lowercase letters, digits and '-', at most 40 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "WorkerGroup":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"worker group {self.name!r}: min_replicas ({self.min_replicas}) must be <= "
+                             f"max_replicas ({self.max_replicas})")
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"worker group {self.name!r}: replicas ({self.replicas}) must be within min_replicas "
+                             f"({self.min_replicas}) and max_replicas ({self.max_replicas})")
+        return self
+
+
+class VolumeSource(_Model):
+    claim_name: str  # a PersistentVolumeClaim (ReadOnlyMany when several nodes mount it)
+    sub_path: str | None = None
+
+
+class S3Source(_Model):
+    uri: str  # s3://bucket/prefix/ with pipeline.json at its top; fetched with the storage section's endpoint and keys
+
+    @field_validator("uri")
+    @classmethod
+    def _s3(cls, v: str) -> str:
+        parse_s3_uri(v)
+        return v
+
+
+class ImageSource(_Model):
+    """The folder is in the container image (a derived image, see the Dockerfile)."""
+
+
+class ModelSource(_Model):
+    """Where a model folder in the pods comes from: exactly one of `volume`, `s3`, `image`."""
+    path: str  # absolute folder in the pods; the config's stage `model` paths lie in or under it
+    volume: VolumeSource | None = None
+    s3: S3Source | None = None
+    image: ImageSource | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelSource":
+        given = [k for k in ("volume", "s3", "image") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"models entry {self.path!r}: set exactly one of volume, s3, image "
+                             f"(got {given or 'none'})")
+        if not PurePosixPath(self.path).is_absolute():
+            raise ValueError(f"models entry path {self.path!r} must be absolute")
+        return self
+
+
+class S3Secret(_Model):
+    name: str = "imagine-s3"  # a Secret in the namespace, created by the operator (k8s/README.md)
+    access_key_key: str = "access-key"
+    secret_key_key: str = "secret-key"
+
+
+class SecretKey(_Model):
+    name: str
+    key: str
+
+
+class Secrets(_Model):
+    s3: S3Secret = Field(default_factory=S3Secret)
+    api_keys: SecretKey | None = None  # into the env var `api.api_keys_env` (comma-separated keys)
+
+
+class Autoscaler(_Model):
+    idle_timeout_s: int = Field(60, ge=0)  # an idle worker node is removed after this long
+    upscaling_mode: Literal["Default", "Conservative", "Aggressive"] = "Default"
+
+
+class K8sMonitoring(_Model):
+    namespace: str | None = None  # of the PodMonitor, PrometheusRule and dashboards; None = the app's
+    labels: dict[str, str] = Field(default_factory=dict)  # matched by Prometheus' podMonitorSelector/ruleSelector
+    dashboard_labels: dict[str, str] = Field(default_factory=lambda: {"grafana_dashboard": "1"})  # Grafana's sidecar
+    scrape_interval_s: int = Field(15, ge=1)
+
+
+def _default_groups() -> list[WorkerGroup]:
+    return [WorkerGroup(name="gpu", gpus=1, replicas=1, min_replicas=1, max_replicas=1,
+                        tolerations=[Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")])]
+
+
+class K8sConfig(_Model):
+    """What only Kubernetes needs to know (k8s/cluster.yaml); the service itself is the ImagineConfig."""
+    name: str = "imagine"  # the RayService; also prefixes the other objects
+    namespace: str = "default"
+    image: str = "imagine:0.1.0"  # built from the Dockerfile
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    ray_version: str = "2.60.0"  # must match the image's Ray
+    head: HeadGroup = Field(default_factory=HeadGroup)
+    worker_groups: list[WorkerGroup] = Field(default_factory=_default_groups)
+    autoscaler: Autoscaler = Field(default_factory=Autoscaler)
+    secrets: Secrets = Field(default_factory=Secrets)
+    models: list[ModelSource] = Field(default_factory=list)
+    monitoring: K8sMonitoring = Field(default_factory=K8sMonitoring)
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns(cls, v: str) -> str:  # KubeRay wants a DNS-1035 RayService name (a letter first), <= 47 characters
+        if not _DNS_LABEL.match(v) or not v[0].isalpha() or len(v) > 40:
+            raise ValueError(f"{v!r} must start with a letter and be lowercase letters, digits and '-', "
+                             "at most 40 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "K8sConfig":
+        names = [g.name for g in self.worker_groups]
+        if len(set(names)) != len(names) or "head" in names:
+            raise ValueError(f"worker group names {names} must be distinct and not 'head'")
+        paths = [PurePosixPath(m.path) for m in self.models]
+        for i, a in enumerate(paths):
+            for b in paths[i + 1:]:
+                if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                    raise ValueError(f"models paths {str(a)!r} and {str(b)!r} overlap; each must be its own folder")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "K8sConfig":
+        """Read k8s/cluster.yaml; None = the defaults (one 1-GPU worker)."""
+        if path is None:
+            return cls()
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = [f"invalid cluster config in {path} ({e.error_count()} error(s)):"]
+            for err in e.errors():
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+                lines.append(f"  {'.'.join(map(str, err['loc'])) or '(top level)'}: {msg}")
+            raise ConfigError("\n".join(lines)) from None
