@@ -27,6 +27,7 @@ from . import metrics as m
 from .common import parse_config, pick_device, setup_torch, start_metrics
 
 logger = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.25  # step-level: at most one progress event per request this often (and the last one)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class _Slot:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     state: object = None
     cancelled: bool = False
+    reported_at: float = 0.0  # when its last progress event was sent
 
 
 @serve.deployment(name="Diffuser")
@@ -144,8 +146,11 @@ class Diffuser:
                     s.events.put_nowait(e)
                 running.clear()
                 continue
-            for s in running:
-                s.events.put_nowait({"progress": s.state.progress})
+            now = time.monotonic()
+            for s in running:  # progress events cost the caller work: not more often than PROGRESS_EVERY_S
+                if s.state.done or now - s.reported_at >= PROGRESS_EVERY_S:
+                    s.reported_at = now
+                    s.events.put_nowait({"progress": s.state.progress})
             for s, img in zip(done, images):
                 s.events.put_nowait({"image": img.cpu()})
             m.inc("imagine_images_generated_total", len(done))
