@@ -6,7 +6,7 @@
 
 A job goes TextEncoder -> Diffuser (streamed per-step progress) -> [CLIP rank] -> Upscaler ->
 Publisher. The job record in S3 is the source of truth; this replica keeps the jobs it runs in
-memory for progress and SSE, and writes progress to S3 at most once a second.
+memory for progress and SSE, and writes progress to S3 at most every 5 s (stage changes at once).
 """
 
 import asyncio
@@ -44,7 +44,7 @@ from .protocol import (
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="imagine", description="Text-to-image on Ray Serve (OpenAI Images API compatible).")
-PERSIST_EVERY_S = 1.0
+PERSIST_EVERY_S = 5.0  # progress in S3 (read by other replicas) lags at most this; stage changes are written at once
 KEEP_FINISHED_S = 120.0
 
 
