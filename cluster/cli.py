@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.bench import add_bench_command, cmd_bench
 from cluster.config import ConfigError
 from cluster.dashboards_cli import add_dashboard_commands, cmd_dashboards
 from cluster.k8s import add_k8s_commands, cmd_k8s
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
     add_k8s_commands(sub)
     add_dashboard_commands(sub)
+    add_bench_command(sub)
     return p
 
 
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down,
                 "status": cmd_status, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s,
-                "dashboards": cmd_dashboards}
+                "dashboards": cmd_dashboards, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except ConfigError as e:
