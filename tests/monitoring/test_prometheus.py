@@ -19,6 +19,17 @@ from cluster.seaweed import find_free_port
 SESSION = "session_2026-11-25_17-42-48_489916_29231"
 
 
+@pytest.fixture(scope="module")
+def prometheus_server(tmp_path_factory):
+    """This module's own Prometheus: the session's one may still hold a Ray cluster's series
+    (tests/deployments/test_monitoring.py points it at the test cluster), and these tests count series."""
+    from cluster.prometheus import LocalPrometheus
+    server = LocalPrometheus(tmp_path_factory.mktemp("prometheus-own"), find_free_port(), scrape_interval="1s")
+    server.start()
+    yield server
+    server.stop()
+
+
 def test_prometheus_is_installed():
     assert find_prometheus(), "Prometheus is not installed: run `make prometheus`"
 
