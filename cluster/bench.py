@@ -45,9 +45,11 @@ DEFINITIONS = """\
   process (text encode, sample, upscale, PNG encode; no S3 write, no serving) on full batches of B images of
   each step count, weighted as the mix weights them, at the best B of the sweep.
 - **Denoising steps/s**: image-steps per second (one step of one image; its guidance pair counts once).
-- **Load**: open-loop Poisson arrivals at a fraction of the *ceiling's* peak (in requests/s: the peak in
-  images/s divided by the mix's mean images per request). The same absolute rates, arrival times, request
-  kinds and seeds for every served mode, bounded by a time window and a request count.
+- **Load**: open-loop Poisson arrivals at a fraction of the *step-level* peak (measured first; the ceiling's
+  when step-level is not run), in requests/s: that peak in images/s over the mix's mean images per request.
+  The same absolute rates, arrival times, request kinds and seeds for every served mode, bounded by a time
+  window and a request count; one random sequence for every load, time-scaled by its rate. (Fractions of the
+  ceiling would overload every served mode on a small CPU.)
 - **Latency**: end to end at the client, from sending the request to having the finished job (graph:
   `POST /v1/jobs` until the job's server-sent events stream ends with `succeeded`; reference: `POST /imagine`
   until its answer, which comes after the PNGs are in S3).
@@ -64,7 +66,7 @@ DEFINITIONS = """\
 class Plan:
     """How long and how hard each part runs."""
     name: str
-    fractions: tuple[float, ...]        # open-loop loads, as fractions of the ceiling's peak
+    fractions: tuple[float, ...]        # open-loop loads, as fractions of the step-level (or ceiling) peak
     clients: int                        # closed-loop concurrency
     warmup_s: float                     # closed loop: not measured
     closed_window_s: float              # closed loop: measured
@@ -78,8 +80,8 @@ class Plan:
 
 QUICK = Plan("quick", fractions=(0.3, 0.7), clients=12, warmup_s=5, closed_window_s=15, open_window_s=15,
              max_requests=10, drain_s=90, ceiling_batch_sizes=(8, 16))
-FULL = Plan("full", fractions=(0.3, 0.5, 0.7, 0.9), clients=12, warmup_s=10, closed_window_s=50,
-            open_window_s=60, max_requests=36, drain_s=180, ceiling_batch_sizes=(1, 2, 4, 8, 16))
+FULL = Plan("full", fractions=(0.3, 0.5, 0.7, 0.9), clients=12, warmup_s=10, closed_window_s=45,
+            open_window_s=60, max_requests=40, drain_s=180, ceiling_batch_sizes=(1, 2, 4, 8, 16))
 
 
 # ---- workload ----------------------------------------------------------------------------------
@@ -106,7 +108,9 @@ def body(steps: int, n: int, seed: int) -> dict:
 
 def poisson_schedule(rate_rps: float, duration_s: float, max_requests: int, mix=MIX, seed: int = 0) -> list[Arrival]:
     """Poisson arrivals (exponential gaps, mean 1/rate) in [0, duration_s), at most max_requests, each a
-    random kind of the mix with its own image seed; the same arguments give the same schedule."""
+    random kind of the mix with its own image seed; the same arguments give the same schedule, and the same
+    seed at another rate gives the same requests with their times scaled by the ratio of the rates (so
+    loads differ only in rate, not in luck)."""
     assert rate_rps > 0, f"rate_rps ({rate_rps}) must be > 0"
     rng, out = random.Random(seed), []
     t = rng.expovariate(rate_rps)
@@ -381,7 +385,9 @@ def bench_config(model: str | None, s3, work: Path, http_port: int, metrics_port
         "storage": {"endpoint_url": s3.endpoint_url, "bucket": "imagine-bench", "credentials_file": str(creds),
                     "access_key_env": "IMAGINE_BENCH_S3_ACCESS_KEY", "secret_key_env": "IMAGINE_BENCH_S3_SECRET_KEY",
                     "local": {"enabled": False}},
-        "api": {"auth": "disabled", "api_keys_file": None, "max_queued_requests": -1},
+        # a request queued behind whole request-level batches sees no progress for minutes under overload:
+        # no stall verdict before the request timeout (the default 60 s would fail queued jobs as stalled)
+        "api": {"auth": "disabled", "api_keys_file": None, "max_queued_requests": -1, "stall_timeout_s": 300},
         "monitoring": {"enabled": False, "metrics_export_port": metrics_port},  # no Prometheus; Ray's port
         "stages": {"diffuser": {"batching": batching, "ray_actor_options": {"num_cpus": os.cpu_count() or 1}}},
     })
@@ -416,9 +422,9 @@ def local_cluster(work: Path, model: str | None):
                           RAY_metrics_report_interval_ms="1000")  # the Diffuser's counters, fresh within ~1 s
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line per deploy in the progress
         cpus = math.ceil(sum(cfg.stage(n).ray_actor_options.num_cpus for n in DEPLOYMENT_NAMES)) + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=str(ray_temp_dir(work / "ray")),
-                 _metrics_export_port=cfg.monitoring.metrics_export_port, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(num_cpus=cpus, include_dashboard=False, dashboard_port=find_free_port(),  # not a running `up`'s
+                 _temp_dir=str(ray_temp_dir(work / "ray")), _metrics_export_port=cfg.monitoring.metrics_export_port,
+                 logging_level="WARNING", log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": cfg.cluster.http_port})
             yield cfg
@@ -448,8 +454,9 @@ def deploy(cfg, mode: str) -> str:
     return f"http://127.0.0.1:{cfg.cluster.http_port}"
 
 
-def run_served(mode: str, cfg, plan: Plan, rates: dict[str, float], log: Callable[[str], None]) -> dict:
-    """Deploy a mode and measure it over HTTP."""
+def run_served(mode: str, cfg, plan: Plan, rates: dict[str, float] | None, log: Callable[[str], None]
+               ) -> tuple[dict, dict[str, float]]:
+    """Deploy a mode and measure it over HTTP (see `measure`)."""
     t = time.time()
     url = deploy(cfg, mode)
     log(f"{mode}: deployed in {time.time() - t:.0f}s")
@@ -459,10 +466,11 @@ def run_served(mode: str, cfg, plan: Plan, rates: dict[str, float], log: Callabl
     return measure(mode, graph_sender(url), plan, rates, log, probe=lambda: diffuser_counters(port))
 
 
-def measure(mode: str, send: Send, plan: Plan, rates: dict[str, float], log: Callable[[str], None],
-            probe: Callable[[], dict] | None = None) -> dict:
-    """One request alone (cold start), the closed loop (peak), then the open loop at each rate. The CPU
-    use by program, and `probe()` (the Diffuser's counters), are read at both ends of the measuring window."""
+def measure(mode: str, send: Send, plan: Plan, rates: dict[str, float] | None, log: Callable[[str], None],
+            probe: Callable[[], dict] | None = None) -> tuple[dict, dict[str, float]]:
+    """One request alone (cold start), the closed loop (peak), then the open loop at each rate (None: the
+    plan's fractions of this mode's own peak). Returns the results and the rates. The CPU use by program,
+    and `probe()` (the Diffuser's counters), are read at both ends of the closed loop's measuring window."""
     cold = send(*plan.mix[0], 0, time.time() + 300)  # the first request through each replica is slow
     log(f"{mode}: first request {cold.done - cold.sent:.1f}s" if cold.ok else f"{mode}: first request: {cold.error}")
     log(f"{mode}: closed loop with {plan.clients} clients")
@@ -493,15 +501,16 @@ def measure(mode: str, send: Send, plan: Plan, rates: dict[str, float], log: Cal
         closed["diffuser"] = diffuser_use(probe_a, probe_b, tb - ta)
         log(f"{mode}: Diffuser in the window: {closed['diffuser']}")
     result = {"first_request": cold.row(cold.sent), "peak": peak, "closed_loop": closed, "open_loop": {}}
-    for i, (fraction, rate) in enumerate(rates.items()):
-        schedule = poisson_schedule(rate, plan.open_window_s, plan.max_requests, plan.mix, seed=plan.seed + i + 1)
+    rates = rates or arrival_rates(plan, peak["images_per_s"])
+    for fraction, rate in rates.items():  # one seed: every rate's arrivals are the same ones, time-scaled
+        schedule = poisson_schedule(rate, plan.open_window_s, plan.max_requests, plan.mix, seed=plan.seed + 1)
         outs, start = run_open_loop(send, schedule, plan.open_window_s + plan.drain_s)
         stats = latency_stats(outs)
         result["open_loop"][fraction] = {"rate_rps": round(rate, 5), "submitted": len(schedule), **stats,
                                          "requests": [o.row(start) for o in outs]}
         log(f"{mode}: load {fraction}: {stats['completed']}/{len(schedule)} done, latency {stats['latency_s']}, "
             f"queue wait p99 {stats['queue_wait_s']['p99']}")
-    return result
+    return result, rates
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -590,7 +599,8 @@ def _s(v, fmt="{:.2f}") -> str:
 
 def render_markdown(r: dict) -> str:
     m, plan, rat, d = r["machine"], r["plan"], r["ratios"], r["model"]["defaults"]
-    peak_rps = r["ceiling"]["images_per_s"] / mean_images(plan["mix"])
+    basis = r["ceiling"] if r["load_basis"] == "ceiling" else r["modes"][r["load_basis"]]["peak"]
+    peak_rps = basis["images_per_s"] / mean_images(plan["mix"])
     lines = [f"# imagine bench: {r['date']}, {r['machine_tag']} ({plan['name']} run)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
              f"torch {m['torch']} ({m['torch_threads']} threads), Ray {m['ray']}, Python {m['python']}; "
@@ -598,8 +608,9 @@ def render_markdown(r: dict) -> str:
              f"Model: {r['model']['name']} ({d['sample_size']} px sampled, x{d['upscale']} upscale, "
              f"{d['scheduler']}, guidance {d['guidance_scale']}; the mix sets the steps). "
              f"Workload mix (steps x n, equally likely): {', '.join(f'{s}x{n}' for s, n in plan['mix'])}.",
-             f"Load fractions are of the **ceiling's** peak: {r['ceiling']['images_per_s']:.3f} images/s = "
-             f"{peak_rps:.3f} requests/s. Total time {r['seconds'] / 60:.1f} min.", "",
+             f"Load fractions are of the **{r['load_basis']}** peak: {basis['images_per_s']:.3f} images/s = "
+             f"{peak_rps:.3f} requests/s, the same arrival rates for every mode. "
+             f"Total time {r['seconds'] / 60:.1f} min.", "",
              f"## Peak throughput (closed loop, {plan['clients']} clients, {plan['closed_window_s']:g} s window)", "",
              "| mode | images/s | denoising steps/s | vs ceiling | vs reference |", "|---|---|---|---|---|"]
     for mode in SUMMARY_KEYS:
@@ -684,7 +695,8 @@ def plot_latency(r: dict, path: Path) -> None:
             x = x0 + f * w
             d.line([x, y0 + h, x, y0 + h + 4], fill="black")
             d.text((x - 10, y0 + h + 8), f"{f:.1f}", fill="black", font=font)
-        d.text((x0 + w / 2 - 90, y0 + h + 26), "load (fraction of the ceiling's peak)", fill="black", font=font)
+        d.text((x0 + w / 2 - 90, y0 + h + 26), f"load (fraction of the {r['load_basis']} peak)", fill="black",
+               font=font)
         for mode, s in series.items():
             pts = [(x0 + float(f) * w, y0 + h - v[q] / top * h) for f, v in sorted(s.items()) if v[q] is not None]
             if len(pts) > 1:
@@ -715,20 +727,22 @@ def run_bench(plan: Plan, out_dir: Path, model: str | None = None, modes=MODES, 
         f"load {machine['load_average_at_start']}")
     torch.set_flush_denormal(True)
     ceiling = run_ceiling(plan, model, log)
-    rates = arrival_rates(plan, ceiling)
+    basis = "step_level" if "step_level" in modes else "ceiling"  # whose peak the load fractions are of
+    rates = None if basis == "step_level" else arrival_rates(plan, ceiling["images_per_s"])
     served, layout = {}, {}
     if modes:
         work = work or Path.cwd() / ".imagine" / f"bench-{os.getpid()}"
         try:
             with local_cluster(work, model) as cfg:
                 layout = replica_layout(cfg)
-                for mode in modes:
-                    served[mode] = run_served(mode, cfg, plan, rates, log)
+                for mode in sorted(modes, key=lambda m: m != basis):  # the basis first: its peak sets the rates
+                    served[mode], rates = run_served(mode, cfg, plan, rates, log)
         except BaseException:
             log(f"stopped; the replicas' logs are in {work / 'ray'}")
             raise
         shutil.rmtree(work, ignore_errors=True)  # Ray's logs too, once all went well
-    results = assemble(plan, machine, model, ceiling, served, layout, round(time.time() - t_start, 1))
+    results = assemble(plan, machine, model, ceiling, served, layout, basis, rates,
+                       round(time.time() - t_start, 1))
     stem = f"{results['date']}-{results['machine_tag']}" + ("-quick" if plan.name == "quick" else "")
     paths = write_results(results, out_dir, stem)
     log(f"done in {results['seconds'] / 60:.1f} min: " + ", ".join(map(str, paths)))
@@ -736,13 +750,13 @@ def run_bench(plan: Plan, out_dir: Path, model: str | None = None, modes=MODES, 
 
 
 def assemble(plan: Plan, machine: dict, model: str | None, ceiling: dict, served: dict, layout: dict,
-             seconds: float) -> dict:
+             load_basis: str, rates: dict[str, float], seconds: float) -> dict:
     """The results file's content: the raw measurements plus summary, ratios and goals."""
     from pipeline.spec import PipelineSpec
     spec = PipelineSpec.load(model)
     results = {"date": time.strftime("%Y-%m-%d"), "machine_tag": machine_tag(machine), "machine": machine,
                "model": {"name": spec.name, "defaults": spec.defaults.model_dump()}, "plan": asdict(plan),
-               "arrival_rates_rps": {f: round(r, 5) for f, r in arrival_rates(plan, ceiling).items()},
+               "load_basis": load_basis, "arrival_rates_rps": {f: round(r, 5) for f, r in rates.items()},
                "layout": layout, "layout_note": LAYOUT_NOTE, "ceiling": ceiling, "modes": served, "seconds": seconds}
     results["summary"] = summarize(results)
     results["ratios"] = ratios(results["summary"])
@@ -750,9 +764,9 @@ def assemble(plan: Plan, machine: dict, model: str | None, ceiling: dict, served
     return results
 
 
-def arrival_rates(plan: Plan, ceiling: dict) -> dict[str, float]:
-    """Requests/s of each load fraction: a fraction of the ceiling's peak over the mix's images per request."""
-    return {f"{f:g}": f * ceiling["images_per_s"] / mean_images(plan.mix) for f in plan.fractions}
+def arrival_rates(plan: Plan, peak_images_per_s: float) -> dict[str, float]:
+    """Requests/s of each load fraction: that fraction of a peak (images/s) over the mix's images per request."""
+    return {f"{f:g}": f * peak_images_per_s / mean_images(plan.mix) for f in plan.fractions}
 
 
 def _progress(t0: float) -> Callable[[str], None]:
@@ -776,7 +790,8 @@ Runs, in one go on this machine and the same model (the built-in one unless --mo
   4. step_level     our graph, batching: step (continuous batching at denoising-step boundaries).
 A local S3 server and Ray are started once (temp dir and data under ./.imagine/bench-<pid>, removed after);
 the served modes are deployed in turn and driven over loopback HTTP: a closed loop for peak throughput,
-then open-loop Poisson arrivals at fractions of the ceiling's peak with the mix of steps 20/50 and n 1/4.
+then open-loop Poisson arrivals at fractions of the step-level peak (step-level runs first) with the mix
+of steps 20/50 and n 1/4.
 
 Plans (closed-loop window / open-loop window per load, at most N requests per load):
 {_plan_line(QUICK, "--quick", "about 9 minutes")}
@@ -801,7 +816,7 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--model", default=None, help="model folder with pipeline.json (default: the built-in model)")
     b.add_argument("--modes", default=",".join(MODES),
                    help=f"served modes to run, comma-separated (default: {','.join(MODES)}); the ceiling always "
-                        "runs, since it sets the arrival rates")
+                        "runs (it sets the arrival rates when step_level is not run)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

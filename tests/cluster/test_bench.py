@@ -17,7 +17,7 @@ from cluster.cli import main
 from deployments.reference import generate_and_publish
 
 MIX = ((2, 1), (3, 2))  # (steps, n): short for the tiny model
-PLAN = bench.Plan("test", fractions=(0.3, 0.7), clients=2, warmup_s=0.3, closed_window_s=1.5, open_window_s=1.0,
+PLAN = bench.Plan("test", fractions=(0.3, 0.7), clients=2, warmup_s=0.3, closed_window_s=1.5, open_window_s=2.0,
                   max_requests=6, drain_s=30, ceiling_batch_sizes=(1, 2), mix=MIX)
 
 
@@ -33,6 +33,9 @@ def test_poisson_schedule_has_the_rate_the_mix_and_the_bounds():
     for kind in bench.MIX:
         assert abs(sum((x.steps, x.n) == kind for x in a) / len(a) - 0.25) < 0.03
     assert len(bench.poisson_schedule(100.0, 10.0, 7, seed=1)) == 7
+    slow, fast = bench.poisson_schedule(2.0, 200.0, 10**6, seed=3), a  # same seed, a tenth of the rate
+    assert [(x.steps, x.n, x.seed) for x in slow] == [(x.steps, x.n, x.seed) for x in fast[:len(slow)]]
+    assert [x.at_s for x in slow] == pytest.approx([10 * x.at_s for x in fast[:len(slow)]])
     assert bench.mean_images(bench.MIX) == 2.5 and bench.mean_steps_per_image(bench.MIX) == 35
 
 
@@ -111,13 +114,15 @@ def test_results_files_from_a_measured_ceiling_and_reference(tiny_model_dir, ref
     assert [s["batch_size"] for s in ceiling["sweep"]] == [1, 2]
     assert ceiling["images_per_s"] == max(s["images_per_s"] for s in ceiling["sweep"]) > 0
     assert set(ceiling["alone_s"]) == {"2x1", "3x2"} and ceiling["latency_s"]["p99"] <= max(ceiling["alone_s"].values())
-    rates = bench.arrival_rates(PLAN, ceiling)
-    assert rates["0.7"] == pytest.approx(0.7 * ceiling["images_per_s"] / 1.5)
-    reference = bench.measure("reference", reference_send, PLAN, rates, lambda msg: None)
-    assert set(reference["open_loop"]) == {"0.3", "0.7"} and reference["peak"]["images_per_s"] > 0
+    assert bench.arrival_rates(PLAN, 3.0) == {"0.3": pytest.approx(0.3 * 3.0 / 1.5), "0.7": pytest.approx(1.4)}
+    # no rates given: the plan's fractions of this mode's own peak (as for step-level, the basis)
+    reference, rates = bench.measure("reference", reference_send, PLAN, None, lambda msg: None)
+    peak = reference["peak"]["images_per_s"]
+    assert peak > 0 and rates == bench.arrival_rates(PLAN, peak)
+    assert {f: o["rate_rps"] for f, o in reference["open_loop"].items()} == pytest.approx(rates, abs=1e-5)
 
     results = bench.assemble(PLAN, bench.describe_machine(), str(tiny_model_dir), ceiling, {"reference": reference},
-                             {}, seconds=1.0)
+                             {}, "reference", rates, seconds=1.0)
     paths = bench.write_results(results, tmp_path, "bench")
     assert [p.name for p in paths] == ["bench.json", "bench.md", "bench.png"]
     summary = json.loads(paths[0].read_text())["summary"]
@@ -129,6 +134,7 @@ def test_results_files_from_a_measured_ceiling_and_reference(tiny_model_dir, ref
                   "request_level": {"0.3": None, "0.7": None}, "step_level": {"0.3": None, "0.7": None}}}
     md = paths[1].read_text()
     assert f"| reference | {reference['peak']['images_per_s']:.3f} |" in md and "| reference | 0.7 |" in md
+    assert "Load fractions are of the **reference** peak" in md
     assert "not run (no GPU lent)" in md and "step-level peak >= 85%" in md
     plot = np.asarray(Image.open(paths[2]).convert("RGB")).reshape(-1, 3)
     colours = {tuple(c) for c in np.unique(plot, axis=0)}
