@@ -18,6 +18,7 @@ The modules, each importable on its own:
     checks.py    check(): the config pair against the cluster's node types, before rendering
     manifests.py render(): the RayService, PodMonitor, dashboards ConfigMap and PrometheusRule as YAML
     overlay.py   the kustomize overlay: json_patch, apply_json_patch, build, render_overlay
+    schemas.py   the vendored CRDs (k8s/schemas/): where each comes from (SOURCES), fetch_schemas
     validate.py  validate_manifests / validate_dir: offline, strict, against the CRDs and Kubernetes' schemas
     weights.py   fetch_weights: an S3 model folder into the pod (run by the init containers)
     cli.py       `imagine k8s ...` and `python -m cluster.k8s ...`
@@ -58,13 +59,12 @@ from cluster.k8s.manifests import (
     render,
 )
 from cluster.k8s.overlay import apply_json_patch, build, json_patch, render_overlay
+from cluster.k8s.schemas import REPO, SOURCES, VENDORED, Source, fetch_schemas, schemas_dir
 from cluster.k8s.validate import (
     CRD_FILES,
     KUBERNETES_VERSION,
-    REPO,
     crd_schema,
     manifest_errors,
-    schemas_dir,
     validate_dir,
     validate_manifests,
 )
@@ -76,14 +76,15 @@ __all__ = [
     "SecretKey", "Secrets", "Toleration", "VolumeSource", "WorkerGroup", "parse_quantity",
     # checks.py
     "CLIENT_PORT", "GCS_PORT", "NodeType", "check", "demand", "model_source", "node_types",
-    # render.py
+    # manifests.py
     "GENERATED", "MODEL_READS", "dashboards_configmap", "dump_yaml", "podmonitor", "prometheus_rule", "rayservice",
     "render",
     # overlay.py
     "apply_json_patch", "build", "json_patch", "render_overlay",
+    # schemas.py
+    "REPO", "SOURCES", "VENDORED", "Source", "fetch_schemas", "schemas_dir",
     # validate.py
-    "CRD_FILES", "KUBERNETES_VERSION", "REPO", "crd_schema", "manifest_errors", "schemas_dir", "validate_dir",
-    "validate_manifests",
+    "CRD_FILES", "KUBERNETES_VERSION", "crd_schema", "manifest_errors", "validate_dir", "validate_manifests",
     # weights.py
     "fetch_weights", "parse_s3_uri",
     # cli.py

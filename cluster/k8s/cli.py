@@ -1,4 +1,5 @@
-"""The command line: `imagine k8s render|validate|fetch-weights` and `python -m cluster.k8s ...` (same arguments)."""
+"""The command line: `imagine k8s render|validate|fetch-schemas|fetch-weights`, and `python -m cluster.k8s ...`
+with the same arguments."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,8 @@ from cluster.k8s.config import K8sConfig
 from cluster.k8s.errors import FetchError, ManifestError
 from cluster.k8s.manifests import GENERATED, render
 from cluster.k8s.overlay import render_overlay
-from cluster.k8s.validate import REPO, validate_dir
+from cluster.k8s.schemas import REPO, UPSTREAM_URL, VENDORED, fetch_schemas
+from cluster.k8s.validate import validate_dir
 from cluster.k8s.weights import fetch_weights
 
 
@@ -33,7 +35,15 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
     v.add_argument("dir", type=Path, help="a folder of rendered manifests or an overlay (with kustomization.yaml)")
     for c in (r, v):
         c.add_argument("--schemas", default=None,
-                       help="CRD folder (default: $IMAGINE_K8S_SCHEMAS, else ../shared/k8s-schemas)")
+                       help="CRD folder (default: $IMAGINE_K8S_SCHEMAS, else the vendored k8s/schemas/)")
+    s = sub.add_parser("fetch-schemas", help="download the pinned KubeRay and prometheus-operator CRDs",
+                       description="Download the five CRDs that validation reads (KubeRay v1.7.0, prometheus-operator "
+                                   "v0.93.0) from their upstream repositories at the pinned commits, check each "
+                                   "sha256 (cluster/k8s/schemas.py, SOURCES) and write them; see "
+                                   "k8s/schemas/README.md.")
+    s.add_argument("--out", type=Path, default=VENDORED, help="folder to write (default: the repo's k8s/schemas/)")
+    s.add_argument("--url-template", default=UPSTREAM_URL,
+                   help="download URL with {repo}, {commit}, {path} (default: %(default)s), e.g. for a mirror")
     f = sub.add_parser("fetch-weights", help="download a model folder from S3 (run by the pods' init containers)")
     f.add_argument("uri", help="s3://bucket/prefix/")
     f.add_argument("dest", help="local folder")
@@ -57,6 +67,10 @@ def cmd_k8s(args: argparse.Namespace) -> int:
             return _cmd_render(args)
         if args.k8s_command == "validate":
             print(f"{args.dir}: {validate_dir(args.dir, args.schemas)} objects valid")
+            return 0
+        if args.k8s_command == "fetch-schemas":
+            paths = fetch_schemas(args.out, args.url_template)
+            print(f"wrote {len(paths)} CRDs (sha256 checked) to {args.out}")
             return 0
         storage = StorageConfig(endpoint_url=args.endpoint_url, region=args.region, path_style=args.path_style,
                                 access_key_env=args.access_key_env, secret_key_env=args.secret_key_env,

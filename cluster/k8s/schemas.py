@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 VENDORED = REPO / "k8s" / "schemas"
 UPSTREAM_URL = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"
 
-KUBERAY, KUBERAY_COMMIT = "ray-project/kuberay", "59d663aeec13760646da3db9c1cf8cfe883e30b7"  # v1.7.0
-PROM_OP, PROM_OP_COMMIT = "prometheus-operator/prometheus-operator", "f8fafd475f3d132e239432ae6172de60a6cb6516"  # v0.93.0
+KUBERAY, KUBERAY_COMMIT = "ray-project/kuberay", "59d663aeec13760646da3db9c1cf8cfe883e30b7"  # tag v1.7.0
+PROM_OP = "prometheus-operator/prometheus-operator"
+PROM_OP_COMMIT = "f8fafd475f3d132e239432ae6172de60a6cb6516"  # tag v0.93.0
 
 
 @dataclass(frozen=True)

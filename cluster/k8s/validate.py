@@ -1,14 +1,13 @@
 """Offline, strict validation of rendered manifests.
 
-Validation (`validate_manifests`) follows ../shared/k8s-schemas/README.md: custom resources against the CRDs'
+Validation (`validate_manifests`) follows k8s/schemas/README.md: custom resources against the CRDs'
 `openAPIV3Schema` (KubeRay v1.7.0, prometheus-operator v0.93.0) with jsonschema's Draft 4 in strict mode
 (`additionalProperties: false` wherever the schema lists properties), built-in kinds, the pod templates and
 every `metadata` with `kubernetes-validate --strict`, and `serveConfigV2` with Serve's `ServeDeploySchema`.
-The CRDs are read from `IMAGINE_K8S_SCHEMAS` (default `<repo>/../shared/k8s-schemas`), never copied here.
+The CRDs are the vendored copies in `k8s/schemas/` (`IMAGINE_K8S_SCHEMAS` or `--schemas` point elsewhere).
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ from pydantic import BaseModel
 from cluster.config import ConfigError, validate_serve_config
 from cluster.k8s.errors import ManifestError
 from cluster.k8s.overlay import build
+from cluster.k8s.schemas import schemas_dir
 
-REPO = Path(__file__).resolve().parents[2]
 KUBERNETES_VERSION = "1.33"  # built-in kinds are validated against this release's schemas
-CRD_FILES = {("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
+CRD_FILES = {("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",  # each a file of SOURCES
              ("ray.io/v1", "RayCluster"): "ray.io_rayclusters.yaml",
              ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
              ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
@@ -30,23 +29,9 @@ CRD_FILES = {("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml reads the 1 MB CRDs ~10x faster
 
 
-def schemas_dir(path: str | Path | None = None) -> Path:
-    """The CRD folder: `path`, else $IMAGINE_K8S_SCHEMAS, else <repo>/../shared/k8s-schemas.
-
-    Raises:
-        FileNotFoundError: the folder lacks the CRDs, saying where it looked and how to point elsewhere.
-    """
-    d = Path(path or os.environ.get("IMAGINE_K8S_SCHEMAS") or REPO.parent / "shared" / "k8s-schemas")
-    missing = [f for f in CRD_FILES.values() if not (d / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"CRD schemas not found in {d} (missing {', '.join(missing)}); set IMAGINE_K8S_SCHEMAS "
-                                "to the folder holding the KubeRay v1.7.0 and prometheus-operator v0.93.0 CRDs")
-    return d
-
-
 @lru_cache(maxsize=None)
 def crd_schema(directory: Path, api_version: str, kind: str) -> dict:
-    """The CRD's openAPIV3Schema for `api_version`, made strict and Draft-4-ready (see k8s-schemas/README.md)."""
+    """The CRD's openAPIV3Schema for `api_version`, made strict and Draft-4-ready (see k8s/schemas/README.md)."""
     crd = yaml.load((directory / CRD_FILES[api_version, kind]).read_text(), Loader=_Loader)
     version = api_version.rpartition("/")[2]
     assert crd["spec"]["names"]["kind"] == kind, f"{CRD_FILES[api_version, kind]}: {crd['spec']['names']['kind']}"

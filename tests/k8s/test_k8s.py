@@ -1,7 +1,7 @@
 """Kubernetes manifests (cluster/k8s/): rendered from the config, committed, and valid against the real schemas.
 
-Offline: KubeRay v1.7.0 and prometheus-operator v0.93.0 CRDs from $IMAGINE_K8S_SCHEMAS (default
-../shared/k8s-schemas; a missing folder fails these tests), built-in kinds with kubernetes-validate, the
+Offline: KubeRay v1.7.0 and prometheus-operator v0.93.0 CRDs vendored in k8s/schemas/ (checked against their
+pinned sha256; $IMAGINE_K8S_SCHEMAS overrides), built-in kinds with kubernetes-validate, the
 Serve config with Ray's ServeDeploySchema, worker groups as Ray's own KubeRay autoscaler reads them.
 """
 import copy
@@ -26,7 +26,7 @@ RENDER = "imagine k8s render k8s/imagine-prod.yaml --k8s k8s/cluster.yaml --out 
 
 @pytest.fixture(scope="module")
 def schemas() -> Path:
-    return k8s.schemas_dir()  # raises, naming the folder and IMAGINE_K8S_SCHEMAS, when the CRDs are missing
+    return k8s.schemas_dir()  # the vendored k8s/schemas/ unless IMAGINE_K8S_SCHEMAS says otherwise
 
 
 def load(name: str) -> tuple[ImagineConfig, k8s.K8sConfig]:
@@ -361,10 +361,60 @@ def test_dashboards_and_alert_rules_render_when_monitoring_has_them(tmp_path, sc
 
 def test_missing_schema_folder_fails_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IMAGINE_K8S_SCHEMAS", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=f"CRD schemas not found in {tmp_path}.*set IMAGINE_K8S_SCHEMAS"):
+    with pytest.raises(FileNotFoundError, match=f"CRD schemas not found in {tmp_path}.*fetch-schemas"):
         k8s.schemas_dir()
     assert k8s.main(["validate", str(PROD)]) == 2
     assert "ray.io_rayservices.yaml" in capsys.readouterr().err
+
+
+def test_vendored_schemas_are_the_pinned_upstream_files(monkeypatch):
+    monkeypatch.delenv("IMAGINE_K8S_SCHEMAS", raising=False)
+    assert k8s.schemas_dir() == K8S / "schemas"
+    assert set(k8s.CRD_FILES.values()) == set(k8s.SOURCES)
+    for name, src in k8s.SOURCES.items():
+        assert k8s.schemas.sha256((K8S / "schemas" / name).read_bytes()) == src.sha256, name
+        assert src.commit in (K8S / "schemas" / "README.md").read_text() and src.sha256 in (
+            K8S / "schemas" / "README.md").read_text()  # the NOTICE table names what is vendored
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A real HTTP server on loopback laid out like raw.githubusercontent.com: <repo>/<commit>/<path>."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+    root = tmp_path / "mirror"
+    for name, src in k8s.SOURCES.items():
+        dest = root / src.repo / src.commit / src.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(K8S / "schemas" / name, dest)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}/{{repo}}/{{commit}}/{{path}}"
+    server.shutdown()
+
+
+def test_fetch_schemas_downloads_checks_and_writes(mirror, tmp_path, monkeypatch, capsys):
+    root, template = mirror
+    out = tmp_path / "fetched"
+    assert k8s.main(["fetch-schemas", "--out", str(out), "--url-template", template]) == 0
+    assert "wrote 5 CRDs" in capsys.readouterr().out
+    for name in k8s.SOURCES:
+        assert (out / name).read_bytes() == (K8S / "schemas" / name).read_bytes()
+    monkeypatch.setenv("IMAGINE_K8S_SCHEMAS", str(out))  # the override validates with the fetched copy
+    assert k8s.main(["validate", str(PROD)]) == 0
+    # a file that is not the pinned one: refused, and nothing is written
+    src = k8s.SOURCES["ray.io_rayservices.yaml"]
+    (root / src.repo / src.commit / src.path).write_bytes(b"tampered")
+    out2 = tmp_path / "fetched2"
+    assert k8s.main(["fetch-schemas", "--out", str(out2), "--url-template", template]) == 2
+    err = capsys.readouterr().err
+    assert "ray.io_rayservices.yaml" in err and src.sha256 in err and not out2.exists()
+    (root / src.repo / src.commit / src.path).unlink()  # and a missing file: the HTTP status
+    assert k8s.main(["fetch-schemas", "--out", str(out2), "--url-template", template]) == 2
+    assert "HTTP 404" in capsys.readouterr().err
 
 
 def test_dockerfile_and_cluster_config_use_the_installed_ray():
