@@ -1,7 +1,7 @@
 """A local Prometheus on Ray's metrics: the Debian `prometheus` binary, listening on 127.0.0.1 only.
 
 `imagine up` starts one when Prometheus is installed (`make prometheus`, or `apt-get install -y prometheus`)
-and `monitoring.enabled` is set; the tests start one on a free port. See /work/shared/INFRA-NOTES.md.
+and `monitoring.enabled` is set; the tests start one on a free port.
 
     server = LocalPrometheus(Path(".imagine/prometheus"), port=9090, ray_temp_dir=Path(".imagine/ray"))
     server.start()                         # returns once /-/ready answers (~0.1 s)

