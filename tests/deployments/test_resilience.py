@@ -1,4 +1,6 @@
 """Scaling via config with requests in flight, a killed Diffuser replica, S3 going away."""
+import os
+import signal
 import time
 
 import ray
@@ -47,18 +49,41 @@ def test_killed_diffuser_replica_fails_or_finishes_the_job(http):
     raise AssertionError("no job succeeded after the Diffuser replica was replaced")
 
 
+def freeze_s3_while_sampling(http, s3_server, attempts: int = 3) -> dict:
+    """Submit a long job and freeze the S3 server (SIGSTOP: at once, no request answered after it) while the
+    job is still sampling. The stage read after the freeze proves the Publisher cannot have written before it:
+    stages only move forward. On a machine so fast that the job got past the Diffuser, thaw and try again."""
+    for _ in range(attempts):
+        job = http.post(f"{http.base}/v1/jobs", json={"prompt": "a blue circle", "steps": 200, "n": 4}).json()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            rec = http.get(f"{http.base}/v1/jobs/{job['id']}").json()
+            if rec["stage"] not in ("queued", "text_encoder") or rec["state"] not in ("queued", "running"):
+                break
+            time.sleep(0.02)
+        os.kill(s3_server.pid, signal.SIGSTOP)
+        rec = http.get(f"{http.base}/v1/jobs/{job['id']}").json()  # from the ingress's memory, not S3
+        if rec["state"] == "running" and rec["stage"] in ("diffuser", "upscaler"):
+            return rec
+        os.kill(s3_server.pid, signal.SIGCONT)
+        wait_job(http, job["id"])
+    raise AssertionError(f"no job was still sampling when S3 froze, in {attempts} tries")
+
+
 def test_s3_outage_fails_the_job_with_a_storage_error(http, s3_server, make_storage):
-    job = http.post(f"{http.base}/v1/jobs", json={"prompt": "a blue circle", "steps": 60, "n": 2}).json()
-    time.sleep(1.0)
-    s3_server.stop()
+    job = freeze_s3_while_sampling(http, s3_server)
     try:
+        s3_server.stop(timeout_s=0)  # SIGKILL of the frozen server (a pending SIGTERM never runs)
         final = wait_job(http, job["id"], timeout_s=120)
         assert final["state"] == "failed" and final["error_type"] == "storage_error", final
         assert "storage" in final["error"]
         r = http.post(f"{http.base}/v1/jobs", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["type"] == "storage_error"
     finally:
-        s3_server.start()
+        if not s3_server.is_running():
+            s3_server.start()
     storage = make_storage("imagine-test")
     assert storage.list_keys(f"images/{job['id']}/") == []  # nothing half-written
     assert storage.get_json(f"jobs/{job['id']}.json")["state"] != "succeeded"
+    again = http.post(f"{http.base}/v1/jobs", json={"prompt": "a red circle", "steps": 2, "n": 1}).json()
+    assert wait_job(http, again["id"])["state"] == "succeeded"  # the service works again after the restart
