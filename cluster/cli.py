@@ -3,6 +3,7 @@
     imagine up [imagine.yaml]             # Ray head + local S3 + the application; prints endpoint and key
     imagine generate "a red circle on a black background --ar 1:1 --n 4" --out out/
     imagine status | apply imagine.yaml | serve-config imagine.yaml | down
+    eval "$(imagine env)"                 # endpoint, API key and S3 settings for aws/boto3/openai in a shell
     imagine demo                          # up, then a grid for a few prompts
     imagine generate --local "..."        # in this process, no cluster (pipeline/ only)
 """
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "return once /healthz answers; print endpoint, API key and S3 details.")
     up.add_argument("config", nargs="?", default=None, help=cfg_help)
     for name, helptext in (("down", "stop the application, Ray and the local S3 server"),
+                           ("env", "print shell `export` lines for the endpoint, API key and S3 (use: "
+                                   'eval "$(imagine env)"; then `aws s3 ls`, boto3 or the openai SDK work)'),
                            ("status", "show each deployment's status and replicas"),
                            ("apply", "deploy the config to the running cluster, in place (e.g. new replicas)"),
                            ("serve-config", "print Serve's config file for this config (for `serve deploy`)")):
@@ -109,10 +112,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _stage_bar():
-    """A live progress bar labelled with the job's current stage."""
+def _stage_bar(stream=None):
+    """A live progress bar labelled with the job's current stage; where the output is not a terminal (a pipe,
+    a file, a CI log), one line per stage change instead, as pip and tqdm do."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        return _stage_lines(stream)
     from tqdm import tqdm
-    bar = tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<14} {bar} {n:.0f}%")
+    bar = tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<14} {bar} {n:.0f}%", file=stream)
 
     def update(record: dict) -> None:
         bar.set_description_str(record.get("stage") or record["state"])
@@ -120,6 +127,18 @@ def _stage_bar():
         bar.refresh()
         if record["state"] in ("succeeded", "failed", "cancelled"):
             bar.close()
+    return update
+
+
+def _stage_lines(stream):
+    last: list = [None]
+
+    def update(record: dict) -> None:
+        stage = record.get("stage") or record["state"]
+        if (record["state"], stage) != last[0]:
+            last[0] = (record["state"], stage)
+            print(f"{stage:<14} {round(100 * record.get('progress', 0.0)):>3}%  ({record['state']})", file=stream,
+                  flush=True)
     return update
 
 
@@ -196,6 +215,7 @@ def cmd_up(args) -> int:
   endpoint   {info['endpoint']}   (OpenAI-compatible: {info['endpoint']}/v1)
   api key    {info['api_key'] or '(auth disabled)'}
   S3         {info['s3_endpoint']}  bucket {info['bucket']}
+  S3 keys    {info['s3_credentials']}   (for aws/boto3: eval "$(imagine env)")
   images     {info['images']}
   dashboard  {info['dashboard']}
   prometheus {_prometheus_line(c, info['prometheus'])}
@@ -208,6 +228,18 @@ def _prometheus_line(c: Cluster, url: str | None) -> str:
     if url:
         return f"{url}   (alerts: {url}/alerts)"
     return f"not installed; {INSTALL_HINT}" if c.cfg.monitoring.enabled else "(monitoring disabled)"
+
+
+def cmd_env(args) -> int:
+    """Shell `export` lines: the API endpoint and key, the S3 endpoint, bucket and credentials (AWS CLI and
+    boto3 names, and the config's own variable names, so other `imagine` commands find them too)."""
+    import shlex
+
+    from cluster import launcher
+    c = Cluster.load(args.config)
+    for name, value in launcher.environment(c).items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
 
 
 def cmd_down(args) -> int:
@@ -263,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down,
-                "status": cmd_status, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s,
+    commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down, "status": cmd_status,
+                "env": cmd_env, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s,
                 "dashboards": cmd_dashboards, "bench": cmd_bench}
     try:
         return commands[args.command](args)

@@ -207,8 +207,38 @@ def up(c: Cluster) -> dict:
     Storage.from_config(c.cfg.storage).ensure_bucket()
     apply(c)
     return {"endpoint": c.endpoint, "api_key": api_key, "s3_endpoint": s3, "bucket": c.cfg.storage.bucket,
+            "s3_credentials": credentials_source(c),
             "images": f"s3://{c.cfg.storage.bucket}/images/<job_id>/<index>.png", "dashboard": c.dashboard,
             "prometheus": prometheus, "seconds": round(time.monotonic() - t0, 1)}
+
+
+def credentials_source(c: Cluster) -> str:
+    """Where the S3 credentials come from, for people: the environment variables or the file's path."""
+    s = c.cfg.storage
+    if os.environ.get(s.access_key_env) and os.environ.get(s.secret_key_env):
+        return f"${s.access_key_env} / ${s.secret_key_env}"
+    return str(s.credentials_file)
+
+
+def environment(c: Cluster) -> dict[str, str]:
+    """The variables a shell needs to reach this cluster: the API (endpoint, key, the openai SDK's names) and
+    S3 (AWS CLI / boto3 names, and the config's own `access_key_env` / `secret_key_env`).
+
+    Raises:
+        ConfigError: the S3 credentials cannot be found (the message says where it looked).
+    """
+    s = c.cfg.storage
+    access, secret = s.credentials()
+    keys = sorted(c.cfg.api.load_api_keys())
+    env = {"IMAGINE_ENDPOINT": c.endpoint, "OPENAI_BASE_URL": f"{c.endpoint}/v1"}
+    if keys:
+        env |= {"IMAGINE_API_KEY": keys[0], "OPENAI_API_KEY": keys[0]}
+    if s.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = s.endpoint_url
+    env |= {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret.get_secret_value(),
+            "AWS_DEFAULT_REGION": s.region, "IMAGINE_S3_BUCKET": s.bucket,
+            s.access_key_env: access, s.secret_key_env: secret.get_secret_value()}
+    return env
 
 
 # ---- Prometheus -------------------------------------------------------------------------------
