@@ -316,7 +316,8 @@ def serve_load(c: Cluster) -> dict[str, dict]:
 
 
 def down(c: Cluster) -> None:
-    from cluster.seaweed import stop_from_pidfile
+    from cluster.prometheus import LocalPrometheus
+    from cluster.seaweed import LocalS3Server
     if _ray_running(c):
         try:
             from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
@@ -325,6 +326,5 @@ def down(c: Cluster) -> None:
             logger.warning("could not delete the Serve application: %s", e)
     subprocess.run([_bin("ray"), "stop", "--force"], env=c.env(), capture_output=True, timeout=120)
     if c.cfg.storage.local.enabled:
-        stop_from_pidfile(Path(c.cfg.storage.local.data_dir))
-    from cluster.prometheus import stop_from_pidfile as stop_prometheus
-    stop_prometheus(prometheus_dir(c))
+        LocalS3Server.stop_from_pidfile(Path(c.cfg.storage.local.data_dir))
+    LocalPrometheus.stop_from_pidfile(prometheus_dir(c))

@@ -76,7 +76,8 @@ class LocalProcess:
     neither, `pid` falls back to the pid file. The pid file is removed when the server stops.
 
     Subclasses set the class attributes below and implement `_is_server_argv`, `_from_argv`, `_ready` and
-    `description`; they may override `_not_ready_reason` for the message when the server never gets ready.
+    `url` (where the server answers); they may override `_not_ready_reason` for the message when the server
+    never gets ready.
 
     Attributes:
         name: the display name in log lines and errors ("SeaweedFS": "SeaweedFS (pid 12) survived SIGKILL").
@@ -105,9 +106,17 @@ class LocalProcess:
     # -- what a subclass provides --
 
     @property
+    def url(self) -> str:
+        """Where the server answers: "http://127.0.0.1:9090"."""
+        raise NotImplementedError
+
+    @property
     def description(self) -> str:
         """The server and its address, for log lines: "Prometheus at http://127.0.0.1:9090"."""
-        raise NotImplementedError
+        return f"{self.name} at {self.url}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(data_dir={str(self.data_dir)!r}, url={self.url!r})"
 
     @classmethod
     def _is_server_argv(cls, argv: list[str], data_dir: Path) -> bool:
@@ -214,6 +223,12 @@ class LocalProcess:
         server = cls._from_argv(data_dir, pid, _cmdline(pid) or [])
         server._pid = pid
         return server
+
+    @classmethod
+    def stop_from_pidfile(cls, data_dir: Path, timeout_s: float = 15) -> bool:
+        """Stop the server running on data_dir, whoever started it. Returns False when none was running."""
+        server = cls.from_pidfile(data_dir)
+        return server.stop(timeout_s) if server is not None else False
 
     # -- helpers --
 

@@ -8,7 +8,7 @@ and `monitoring.enabled` is set; the tests start one on a free port.
     server.url                             # "http://127.0.0.1:9090"
     server.query("sum by (deployment) (rate(imagine_stage_requests_total[1m]))")
     server.scrape(Path("/other/ray/temp")) # point it at another Ray cluster (rewrites the config, /-/reload)
-    stop_from_pidfile(Path(".imagine/prometheus"))   # from any process: `imagine down`
+    LocalPrometheus.stop_from_pidfile(Path(".imagine/prometheus"))   # from any process: `imagine down`
 
 What it runs is `monitoring/prometheus.yml`, rendered by `render_local_config` with absolute paths: Ray's
 service discovery file in the given Ray temp dir (Ray rewrites it every 5 s with the metrics export port of
@@ -119,16 +119,9 @@ class LocalPrometheus(LocalProcess):
         self.scrape_interval = scrape_interval
         self._bin = prometheus_bin
 
-    def __repr__(self) -> str:
-        return f"LocalPrometheus(data_dir={str(self.data_dir)!r}, url={self.url!r})"
-
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def description(self) -> str:
-        return f"Prometheus at {self.url}"
 
     @property
     def config_file(self) -> Path:
@@ -231,9 +224,3 @@ class LocalPrometheus(LocalProcess):
         # Without a Ray cluster yet, point at a file that does not exist: Prometheus scrapes nothing until then.
         sd_dir = self.ray_temp_dir if self.ray_temp_dir is not None else self.data_dir / "no-ray-cluster"
         render_local_config(self.config_file, sd_dir, self.rules_path, self.scrape_interval)
-
-
-def stop_from_pidfile(data_dir: Path, timeout_s: float = 15) -> bool:
-    """Stop the Prometheus running on data_dir, whoever started it. Returns False when none was running."""
-    server = LocalPrometheus.from_pidfile(data_dir)
-    return server.stop(timeout_s) if server is not None else False

