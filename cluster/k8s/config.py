@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.config import ConfigError
 from cluster.k8s.weights import parse_s3_uri
@@ -29,6 +29,18 @@ def parse_quantity(q: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def _checked(parse) -> type:
+    """A str type whose values `parse` accepts (its ValueError becomes the field's error)."""
+    def check(v: str) -> str:
+        parse(v)
+        return v
+    return Annotated[str, AfterValidator(check)]
+
+
+Quantity = _checked(parse_quantity)   # "4", "500m", "16Gi"
+S3Uri = _checked(parse_s3_uri)        # "s3://bucket/prefix/"
+
+
 class Toleration(_Model):
     key: str | None = None
     operator: Literal["Equal", "Exists"] = "Equal"
@@ -43,21 +55,15 @@ class Toleration(_Model):
 
 
 class _Group(_Model):
-    memory: str = "32Gi"  # the pod's memory (request = limit)
+    memory: Quantity = "32Gi"  # the pod's memory (request = limit)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
-
-    @field_validator("memory")
-    @classmethod
-    def _quantity(cls, v: str) -> str:
-        parse_quantity(v)
-        return v
 
 
 class HeadGroup(_Group):
     """The Ray head: GCS, dashboard, Serve controller, the autoscaler beside it; a CPU pod."""
-    cpu: str = "4"  # the pod's CPU (request = limit)
-    memory: str = "16Gi"
+    cpu: Quantity = "4"  # the pod's CPU (request = limit)
+    memory: Quantity = "16Gi"
     num_cpus: int = Field(0, ge=0)  # Ray CPUs for replicas on the head; 0 = none (KubeRay's advice for production)
 
     @model_validator(mode="after")
@@ -102,13 +108,7 @@ class VolumeSource(_Model):
 
 
 class S3Source(_Model):
-    uri: str  # s3://bucket/prefix/ with pipeline.json at its top; fetched with the storage section's endpoint and keys
-
-    @field_validator("uri")
-    @classmethod
-    def _s3(cls, v: str) -> str:
-        parse_s3_uri(v)
-        return v
+    uri: S3Uri  # s3://bucket/prefix/ with pipeline.json at its top; fetched with the storage section's keys
 
 
 class ImageSource(_Model):
