@@ -14,13 +14,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_temp():
+    """Ray's temp dir for the test cluster (where it writes the Prometheus service-discovery file)."""
+    return ray_temp_dir(REPO / ".imagine" / f"ray-tests-{os.getpid()}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_temp):
     import ray
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach Prometheus within ~2 s
     dashboard_port = find_free_port()
-    temp = ray_temp_dir(REPO / ".imagine" / f"ray-tests-{os.getpid()}")
+    temp = ray_temp
     ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              _temp_dir=str(temp), logging_level="WARNING", log_to_driver=False)
     yield dashboard_port

@@ -41,14 +41,13 @@ def workload(http) -> None:
 
 
 @pytest.fixture(scope="module")
-def scraped(app, prometheus_server):
-    import ray
+def scraped(app, prometheus_server, ray_temp):
     import requests
     _, url, key = app
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {key}"
     http.base = url
-    prometheus_server.scrape(Path(ray._private.worker._global_node.get_temp_dir_path()))
+    prometheus_server.scrape(Path(ray_temp))
     workload(http)
     # Ray exports each worker's metrics within ~1 s here; wait until the last of them is scraped
     prometheus_server.wait_for('imagine_jobs_finished_total{cluster="local", state="cancelled"}', timeout_s=60)
