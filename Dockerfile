@@ -8,7 +8,7 @@
 # k8s/cluster.yaml; tests/k8s checks all three.
 #
 # Model weights: the built-in model ships inside the package (pipeline/builtin, written by
-# `python -m pipeline.train all` before the build), so `model: null` works with nothing mounted. Other
+# `python -m pipeline.builtin.train all` before the build), so `model: null` works with nothing mounted. Other
 # models are not baked in: k8s/cluster.yaml mounts them from a volume or fetches them from S3 when a pod
 # starts (`models:`). To bake a model in instead, build FROM this image, COPY the folder (with its
 # pipeline.json) to e.g. /models/mine, and list it in k8s/cluster.yaml as `{path: /models/mine, image: {}}`.

@@ -15,7 +15,7 @@ keeps that behaviour. The answer carries the S3 keys and server timestamps (unix
 clock): `started_at` (the replica took the request), `first_step_at` (its first denoising step is
 done: where the benchmark's queue wait ends) and `finished_at`.
 
-    from deployments.reference import build_reference_app
+    from bench.reference import build_reference_app
     serve.run(build_reference_app(cfg), route_prefix="/")
 """
 import io
@@ -25,10 +25,9 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 from cluster.config import ImagineConfig
+from deployments.app import deployment_options
+from deployments.common import parse_config, pick_device, setup_torch
 from pipeline.request import GenerationRequest, InvalidRequestError
-
-from .app import deployment_options
-from .common import parse_config, pick_device, setup_torch
 
 app = FastAPI(title="imagine reference", description="Ray Serve's Stable Diffusion example design, our pipeline.")
 

@@ -10,19 +10,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from cluster.bench import add_bench_command, cmd_bench
 from cluster.config import ConfigError
 from cluster.dashboards_cli import add_dashboard_commands, cmd_dashboards
 from cluster.k8s import add_k8s_commands, cmd_k8s
 from cluster.launcher import DEFAULT_CONFIG, Cluster
 
 logger = logging.getLogger("imagine")
+
+# Commands that live outside the product, found by module name when the parser is built (cluster/ never
+# imports them statically): each module provides `add_command(subparsers)` and `run(args) -> int`. A module
+# that is not installed (e.g. `bench`, the benchmark, in a production image) simply adds no command.
+EXTENSIONS = {"bench": "bench.cli"}
+
+
+def _extension(command: str):
+    """The module of an extension command, or None when it is not installed."""
+    module = EXTENSIONS[command]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        parts = module.split(".")
+        if e.name not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+            raise  # the extension is there but something it imports is missing: a real error
+        return None
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagine", description=(
@@ -58,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
     add_k8s_commands(sub)
     add_dashboard_commands(sub)
-    add_bench_command(sub)
+    for command in EXTENSIONS:
+        if (ext := _extension(command)) is not None:
+            ext.add_command(sub)
     return p
 
 
@@ -144,27 +164,20 @@ def _stage_lines(stream):
 
 def cmd_generate_local(args) -> int:
     """The same request parsing as the served API (prompt flags, size), then pipeline/ in this process."""
-    from pydantic import ValidationError
-
-    from deployments.protocol import GenerationBody, to_generation_request
     from pipeline import InvalidRequestError, Pipeline, make_grid
-    from pipeline.spec import ModelInfo
+    from pipeline.request import RequestOptions, request_from_text
 
+    fields = _fields(args)
+    options = {k: v for k, v in fields.items() if k in RequestOptions.model_fields}
     try:
-        body = GenerationBody.model_validate({"prompt": args.prompt, **_fields(args)})
-        fields = to_generation_request(body, ModelInfo.load(args.model), default_n=4)
+        req = request_from_text(args.prompt, size=fields.get("size"), n=fields.get("n"), default_n=4, **options)
     except InvalidRequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValidationError as e:
-        err = e.errors()[0]
-        print(f"error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
-        return 2
-    body = {k: v for k, v in fields.items() if v is not None}
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.model)
     try:
-        [res] = pipe.generate([body], callback=_progress_bar())
+        [res] = pipe.generate([req], callback=_progress_bar())
     except InvalidRequestError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
@@ -297,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down, "status": cmd_status,
                 "env": cmd_env, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s,
-                "dashboards": cmd_dashboards, "bench": cmd_bench}
+                "dashboards": cmd_dashboards}
     try:
+        if args.command in EXTENSIONS:
+            return _extension(args.command).run(args)
         return commands[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

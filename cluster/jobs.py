@@ -25,12 +25,27 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cluster.config import STAGES
 from cluster.storage import KeyNotFound, PreconditionFailed, Storage, job_key
 
 logger = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"img_[0-9a-f]{24}")
-Stage = Literal["queued", "text_encoder", "diffuser", "upscaler", "publisher", "done"]
+JOB_STAGES = ("queued", *STAGES, "done")  # where a job is: waiting, in one of the pipeline's stages, or done
+Stage = Literal[JOB_STAGES]
+
+# The progress plan: the part of a job's overall progress (0..1) that each stage spans. The runner reports
+# `progress_at(stage, fraction_of_that_stage)`, clients (the CLI's bar, the bench) read the same marks.
+STAGE_PROGRESS: dict[str, tuple[float, float]] = {
+    "queued": (0.0, 0.0), "text_encoder": (0.02, 0.05), "diffuser": (0.05, 0.85), "upscaler": (0.88, 0.94),
+    "publisher": (0.94, 1.0), "done": (1.0, 1.0)}
+assert tuple(STAGE_PROGRESS) == JOB_STAGES
+
+
+def progress_at(stage: str, fraction: float = 0.0) -> float:
+    """A job's overall progress when `fraction` (0..1) of `stage` is done."""
+    start, end = STAGE_PROGRESS[stage]
+    return start + (end - start) * min(max(fraction, 0.0), 1.0)
 _SECRET_WORDS = ("secret", "password", "credential", "access_key", "api_key")
 _MAX_CONFLICTS = 20  # conditional-write retries before update() gives up
 

@@ -27,10 +27,18 @@ def deployment_options(cfg: ImagineConfig, stage: str) -> dict:
     return {k: v for k, v in entry.items() if k != "name"}
 
 
-def build_app(cfg: ImagineConfig):
-    """Bind every stage with its options from the config; the ingress gets their handles."""
+def build_app(cfg: ImagineConfig, classes: dict | None = None):
+    """Bind every stage with its options from the config; the ingress gets their handles.
+
+    `classes` (stage name -> deployment class) replaces the default classes of those stages (CLASSES), e.g.
+    a benchmark's variant of a stage, deployed with that stage's options from the config (and under its own
+    deployment name, which should be the stage's: "Diffuser" for the diffuser)."""
+    unknown = set(classes or {}) - set(CLASSES)
+    if unknown:
+        raise KeyError(f"unknown stages {sorted(unknown)}; stages are {', '.join(CLASSES)}")
     config = cfg.model_dump(mode="json")
-    handles = {name: cls.options(**deployment_options(cfg, name)).bind(config) for name, cls in CLASSES.items()}
+    handles = {name: cls.options(**deployment_options(cfg, name)).bind(config)
+               for name, cls in {**CLASSES, **(classes or {})}.items()}
     return Ingress.options(**deployment_options(cfg, "ingress")).bind(
         config, handles["text_encoder"], handles["diffuser"], handles["upscaler"], handles["publisher"])
 

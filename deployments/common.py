@@ -1,12 +1,9 @@
 """Helpers shared by the stage deployments: config parsing, device choice, model loading."""
 from __future__ import annotations
 
-import logging
 import os
 
 from cluster.config import ImagineConfig
-
-logger = logging.getLogger(__name__)
 
 
 def parse_config(config: dict | ImagineConfig) -> ImagineConfig:

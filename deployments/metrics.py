@@ -17,6 +17,8 @@ import os
 import threading
 import time
 
+from .errors import reason as error_reason
+
 logger = logging.getLogger(__name__)
 
 # Log-spaced from 2 ms to 10 min, so every stage's range falls on fine buckets: text encoding (ms),
@@ -24,7 +26,6 @@ logger = logging.getLogger(__name__)
 LATENCY_BUCKETS = [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0, 600.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
-ERROR_REASONS = ("cancelled", "timeout", "invalid_request", "storage", "out_of_memory", "replica_failure", "internal")
 
 # name -> (type, labels added by imagine (Serve adds deployment, replica, application), help)
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -117,25 +118,6 @@ def _refresh_gauges() -> None:
                 metric(name).set(value, tags=dict(tags) or None)
             except Exception as e:  # never let a metric kill the replica
                 logger.debug("gauge refresh failed for %s: %s", name, e)
-
-
-def error_reason(e: BaseException) -> str:
-    """A bounded reason for an exception (the label of imagine_stage_errors_total)."""
-    import asyncio
-    name = type(e).__name__
-    if isinstance(e, asyncio.CancelledError) or "Cancel" in name:
-        return "cancelled"
-    if isinstance(e, (asyncio.TimeoutError, TimeoutError)) or "Timeout" in name or "Stalled" in name:
-        return "timeout"
-    if "InvalidRequest" in name or isinstance(e, ValueError):
-        return "invalid_request"
-    if "Storage" in name or "ClientError" in name or "EndpointConnection" in name:
-        return "storage"
-    if "OutOfMemory" in name or isinstance(e, MemoryError):
-        return "out_of_memory"
-    if any(w in name for w in ("ActorDied", "ActorError", "Unavailable")):
-        return "replica_failure"
-    return "internal"
 
 
 class StageMetrics:

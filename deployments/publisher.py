@@ -9,26 +9,20 @@ import time
 from ray import serve
 
 from . import metrics as m
-from .common import parse_config, start_metrics
+from .stage import Stage
 
 logger = logging.getLogger(__name__)
 
 
 @serve.deployment(name="Publisher")
-class Publisher:
-    def __init__(self, config: dict):
+class Publisher(Stage):
+    stage_name = "publisher"
+    uses_torch = False
+
+    def load(self) -> None:
         from cluster.storage import Storage
-
-        t0 = time.perf_counter()
-        cfg = parse_config(config)
-        self.metrics = start_metrics("cpu")
-        self.storage = Storage.from_config(cfg.storage)
+        self.storage = Storage.from_config(self.cfg.storage)
         self.storage.ensure_bucket()
-        self.reconfigure(cfg.stages.publisher.user_config())
-        self.metrics.loaded(time.perf_counter() - t0)
-
-    def reconfigure(self, user_config: dict) -> None:
-        self.metrics.replicas_max(user_config["max_replicas"])
 
     async def publish(self, job_id: str, images, metadata: list[dict]) -> list[dict]:
         """Write images/<job_id>/<i>.png for each (3, H, W) image; all or nothing.
@@ -74,6 +68,3 @@ class Publisher:
                     logger.warning("could not delete partial image %s: %s", key, e)
             raise
         return records
-
-    def ready(self) -> bool:
-        return True

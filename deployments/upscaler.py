@@ -2,37 +2,23 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 
 from ray import serve
 
-from .common import parse_config, pick_device, setup_torch, start_metrics
-
-logger = logging.getLogger(__name__)
+from .stage import Stage
 
 
 @serve.deployment(name="Upscaler")
-class Upscaler:
-    def __init__(self, config: dict):
+class Upscaler(Stage):
+    stage_name = "upscaler"
+    batch_method = "_upscale_batch"
+
+    def load(self) -> None:
         from pipeline.generate import load_upscaler
-        from pipeline.spec import PipelineSpec
+        self.upscaler = load_upscaler(self.model_spec(), self.device)
 
-        t0 = time.perf_counter()
-        cfg = parse_config(config)
-        self.stage = cfg.stages.upscaler
-        setup_torch(self.stage)
-        device = pick_device(self.stage)
-        self.metrics = start_metrics(device)
-        self.upscaler = load_upscaler(PipelineSpec.load(cfg.model_for("upscaler")), device)
-        self.reconfigure(self.stage.user_config())
-        self.metrics.loaded(time.perf_counter() - t0)
-
-    def reconfigure(self, user_config: dict) -> None:
-        self.metrics.replicas_max(user_config["max_replicas"])
+    def configure(self, user_config: dict) -> None:
         self.upscaler.tile = user_config["tile"]
-        self._upscale_batch.set_max_batch_size(user_config["max_batch_size"])
-        self._upscale_batch.set_batch_wait_timeout_s(user_config["batch_wait_timeout_s"])
 
     async def upscale(self, image, factor: int):
         """One (3, h, w) image -> (3, h*f, w*f), batched with other calls of the same factor and size."""
@@ -56,6 +42,3 @@ class Upscaler:
             for i, r in zip(idx, result):
                 out[i] = r.cpu()
         return out
-
-    def ready(self) -> bool:
-        return True

@@ -6,13 +6,14 @@ spec and the nets' JSON configs (UNet and VAE depths give the sizes the model ca
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from functools import cached_property
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .request import GenerationRequest, InvalidRequestError, ResolvedRequest
+from .request import GenerationRequest, InvalidRequestError, ResolvedRequest, parse_aspect_ratio
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -53,7 +54,7 @@ class PipelineSpec(BaseModel):
         file = path / "pipeline.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no model spec at {file}" + (
-                " (train the built-in model: python -m pipeline.train all)" if path == BUILTIN_DIR else ""))
+                " (train the built-in model: python -m pipeline.builtin.train all)" if path == BUILTIN_DIR else ""))
         return cls.model_validate({**json.loads(file.read_text()), "root": str(file.parent)})
 
     def resolve_path(self, p: str) -> Path:
@@ -96,15 +97,26 @@ class ModelInfo:
         m, top = self.size_multiple, self.spec.max_sample_size
         return [s * upscale for s in range(m, top + 1, m)]
 
+    def size_for_aspect(self, ar: str, upscale: int) -> tuple[int, int]:
+        """The producible (width, height) closest to aspect W:H, near the default area."""
+        ratio = parse_aspect_ratio(ar)
+        sizes = self.allowed_sizes(upscale)
+        area = (self.spec.defaults.sample_size * upscale) ** 2
+        return min(((w, h) for w in sizes for h in sizes),
+                   key=lambda wh: (abs(math.log(wh[0] / wh[1] / ratio)), abs(math.log(wh[0] * wh[1] / area))))
+
     def resolve(self, req: GenerationRequest) -> ResolvedRequest:
         """Fill defaults and check the request against this model; raises InvalidRequestError."""
         d = self.spec.defaults
         upscale = req.upscale or d.upscale
         if upscale > self.upscaler_scale and self.spec.upscaler is not None:
             raise InvalidRequestError("upscale", f"this model's upscaler goes up to x{self.upscaler_scale}")
+        wanted = {"width": req.width, "height": req.height}
+        if req.aspect_ratio is not None and req.width is None and req.height is None:
+            wanted["width"], wanted["height"] = self.size_for_aspect(req.aspect_ratio, upscale)
         sizes = {}
         for name in ("width", "height"):
-            size = getattr(req, name) or d.sample_size * upscale
+            size = wanted[name] or d.sample_size * upscale
             if size not in self.allowed_sizes(upscale):
                 raise InvalidRequestError(name, f"{size} is not a size this model can produce at upscale "
                                                 f"x{upscale}; choose one of {self.allowed_sizes(upscale)}")

@@ -17,7 +17,7 @@ WORDS = "a red green blue circle square triangle on black white background".spli
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A complete tiny model folder: open_clip folder, diffusers folder, upscaler, pipeline.json."""
-    from pipeline.configs import write_model
+    from pipeline.builtin.configs import write_model
     return write_model(tmp_path_factory.mktemp("tiny-model"), "tiny", words=WORDS, seed=0)
 
 
@@ -61,3 +61,4 @@ def prometheus_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+

@@ -7,6 +7,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import _Model
 
+
 class ActorOptions(_Model):
     """Resources of one replica, as Ray's `ray_actor_options`."""
     num_cpus: float = Field(1.0, ge=0)

@@ -1,6 +1,6 @@
 """Rule-based analyzer for the procedural domain (no learning, no CLIP).
 
-Given an image of the domain in :mod:`pipeline.domain` (one shape on a plain
+Given an image of the domain in :mod:`pipeline.builtin.domain` (one shape on a plain
 background), recover ``(shape, color, background)``:
 
 1. **Background**: the median of the outer ring of pixels (2 px at 32x32),
@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pipeline.domain import COLOR_NAMES, COLORS
+from .domain import COLOR_NAMES, COLORS
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Architectures as data, and a writer of random-init model folders in the real formats.
 
-Two sizes: `builtin` is what `pipeline.train` trains and ships; `tiny` is for tests (a few
+Two sizes: `builtin` is what `pipeline.builtin.train` trains and ships; `tiny` is for tests (a few
 seconds on CPU). `write_model(folder, arch)` writes a complete model in the formats the
 loaders read: an open_clip folder (`open_clip_config.json` + `open_clip_model.safetensors`),
 a diffusers folder (`unet/`, `vae/`, `scheduler/`, `model_index.json`), an upscaler folder
@@ -17,8 +17,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from .text_encoder import BPE_FILE, write_bpe_merges
-from .upscaler import RRDBNet, Upscaler
+from ..text_encoder import BPE_FILE, write_bpe_merges
+from ..upscaler import RRDBNet, Upscaler
 
 ARCHS: dict[str, dict] = {
     "builtin": {

@@ -1,9 +1,9 @@
 """Evaluate the built-in models with the independent analyzer; write reports/.
 
-    python -m pipeline.evaluate                    # full report (a few minutes on 2 cores)
-    python -m pipeline.evaluate --quick            # smaller samples
+    python -m pipeline.builtin.evaluate            # full report (a few minutes on 2 cores)
+    python -m pipeline.builtin.evaluate --quick    # smaller samples
 
-Every number comes from the rule-based analyzer (`pipeline.analyzer`), never from the model's
+Every number comes from the rule-based analyzer (`pipeline.builtin.analyzer`), never from the model's
 own CLIP, except the CLIP retrieval and best-of reranking rows, which measure CLIP itself.
 Output: reports/evaluation.json, reports/evaluation.md, reports/sample_sheet.png.
 """
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from . import analyzer, domain
+from ..generate import Pipeline
+from ..request import GenerationRequest
+from . import analyzer, dataset, domain
 from .configs import write_model
-from .generate import Pipeline
-from .request import GenerationRequest
 from .train import EVAL_DEGRADATION, degrade
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def split_rates(analyses, combos) -> dict:
 
 # ---- 1. the analyzer itself ------------------------------------------------------------------
 def eval_analyzer(n: int, seed: int) -> dict:
-    b = domain.ProceduralDataset(seed=seed, combos=domain.ALL_COMBOS).batch(n)
+    b = dataset.ProceduralDataset(seed=seed, combos=domain.ALL_COMBOS).batch(n)
     return attribute_rates(analyzer.analyze_batch(b.images), b.combos)
 
 
@@ -62,7 +62,7 @@ def eval_retrieval(pipe: Pipeline, n: int, seed: int) -> dict:
     text = pipe.scorer.text_features(captions)                                    # (168, E)
     out = {}
     for split, combos in (("seen", domain.SEEN), ("held_out", sorted(domain.HELD_OUT))):
-        b = domain.ProceduralDataset(seed=seed).batch(n, combos=combos)
+        b = dataset.ProceduralDataset(seed=seed).batch(n, combos=combos)
         pred = (pipe.scorer.image_features(b.images) @ text.T).argmax(1).tolist()
         out[split] = round(sum(domain.ALL_COMBOS[p] == c for p, c in zip(pred, b.combos)) / n, 4)
     return out
@@ -72,7 +72,7 @@ def eval_retrieval(pipe: Pipeline, n: int, seed: int) -> dict:
 @torch.no_grad()
 def eval_vae(pipe: Pipeline, n: int, seed: int) -> dict:
     vae = pipe.sampler.vae
-    b = domain.ProceduralDataset(seed=seed).batch(n, combos=sorted(domain.HELD_OUT))
+    b = dataset.ProceduralDataset(seed=seed).batch(n, combos=sorted(domain.HELD_OUT))
     recon = (vae.decode(vae.encode(b.images * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
     mse = F.mse_loss(recon, b.images).item()
     return {"held_out_all_three": attribute_rates(analyzer.analyze_batch(recon), b.combos)["all"],
@@ -121,7 +121,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def eval_upscaler(pipe: Pipeline, n: int, seed: int) -> dict:
-    b = domain.ProceduralDataset(seed=seed).batch(n, combos=sorted(domain.HELD_OUT), hr_size=domain.HR_SIZE)
+    b = dataset.ProceduralDataset(seed=seed).batch(n, combos=sorted(domain.HELD_OUT), hr_size=domain.HR_SIZE)
     hr = b.hr_images
     lr = degrade(hr, 4, generator=torch.Generator().manual_seed(seed), **EVAL_DEGRADATION)
     sr = pipe.upscaler.upscale(lr, 4)
@@ -164,7 +164,7 @@ def sample_sheet(pipe: Pipeline, path: Path, n_prompts: int = 8, seeds: tuple[in
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.builtin.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: built-in)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports/)")
     p.add_argument("--quick", action="store_true", help="smaller samples (a minute)")

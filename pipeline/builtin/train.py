@@ -1,7 +1,7 @@
 """Train the built-in models from scratch on the procedural domain (CPU, seeded, one command).
 
-    python -m pipeline.train all               # clip -> vae -> unet -> upscaler -> export
-    python -m pipeline.train unet --steps-scale 0.5
+    python -m pipeline.builtin.train all       # clip -> vae -> unet -> upscaler -> export
+    python -m pipeline.builtin.train unet --steps-scale 0.5
 
 Four models, in Stable Diffusion's structure at small size (Rombach et al. 2022):
 1. CLIP (open_clip, Radford et al. 2021): ViT image tower + text transformer, contrastive loss
@@ -35,11 +35,11 @@ from diffusers import DDPMScheduler
 from open_clip.tokenizer import SimpleTokenizer
 from tqdm import tqdm
 
-from . import domain
+from ..spec import BUILTIN_DIR
+from ..text_encoder import BPE_FILE, TextEncoder, write_bpe_merges
+from ..upscaler import RRDBNet, Upscaler
+from . import dataset, domain
 from .configs import ARCHS, SCHEDULER_CONFIG, build_unet, build_vae, clip_model_cfg, write_model
-from .spec import BUILTIN_DIR
-from .text_encoder import BPE_FILE, TextEncoder, write_bpe_merges
-from .upscaler import RRDBNet, Upscaler
 
 logger = logging.getLogger(__name__)
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -120,7 +120,7 @@ def train_clip(cfg: TrainConfig, work: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = open_clip.CLIP(**model_cfg).train()
     tokenizer = SimpleTokenizer(str(work / BPE_FILE), context_length=model_cfg["text_cfg"]["context_length"])
-    data = domain.ProceduralDataset(seed=cfg.seed + 1)
+    data = dataset.ProceduralDataset(seed=cfg.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
     size = model_cfg["vision_cfg"]["image_size"]
 
@@ -155,7 +155,7 @@ def load_clip(work: Path):
 def train_vae(cfg: TrainConfig, work: Path) -> dict:
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.arch).train()
-    data = domain.ProceduralDataset(seed=cfg.seed + 2)
+    data = dataset.ProceduralDataset(seed=cfg.seed + 2)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
 
     def step(i: int) -> float:
@@ -204,7 +204,7 @@ def caption_table(text_encoder: TextEncoder) -> tuple[torch.Tensor, torch.Tensor
 @torch.no_grad()
 def latent_pool(vae, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n fresh training images (seen combos only) encoded once: latents and combo indices."""
-    data = domain.ProceduralDataset(seed=seed)
+    data = dataset.ProceduralDataset(seed=seed)
     index = {c: i for i, c in enumerate(domain.ALL_COMBOS)}
     latents, combos = [], []
     for k in tqdm(range(0, n, 500), desc="encode latents", unit="batch", mininterval=5):
@@ -283,7 +283,7 @@ def train_upscaler(cfg: TrainConfig, work: Path) -> dict:
     rng = np.random.default_rng(cfg.seed + 5)
     a = ARCHS[cfg.arch]["rrdb"]
     net = RRDBNet(**a).train()
-    data = domain.ProceduralDataset(seed=cfg.seed + 6)
+    data = dataset.ProceduralDataset(seed=cfg.seed + 6)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.sr_lr, weight_decay=0.0)
     s, hp = a["scale"], cfg.sr_patch
     lr_size = domain.HR_SIZE // s
@@ -323,7 +323,8 @@ def export(cfg: TrainConfig, work: Path, out: Path) -> dict:
     spec = json.loads((out / "pipeline.json").read_text())
     spec["name"] = f"imagine-{cfg.arch}-v1"
     (out / "pipeline.json").write_text(json.dumps(spec, indent=2) + "\n")
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    # the model's files only: the default `out` (pipeline/builtin) also holds this kit's code
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.suffix not in (".py", ".pyc"))
     logger.info("wrote %s (%.1f MB)", out, size / 1e6)
     return {"bytes": size}
 
@@ -332,7 +333,7 @@ STAGES = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "upscaler": 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.builtin.train", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=["all", *STAGES, "export"], help="what to train ('all' = every stage + export)")
     p.add_argument("--arch", default="builtin", choices=sorted(ARCHS), help="model sizes (default: builtin)")
     p.add_argument("--work", type=Path, default=Path(".imagine/train"), help="checkpoints and log folder")

@@ -170,7 +170,7 @@ def test_serve_config_matches_serve_schema(tmp_path):
         "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2.0, "upscale_delay_s": 10.0,
         "downscale_delay_s": 60.0, "initial_replicas": 2}
     assert deps["Diffuser"]["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5, "memory": 2**30}
-    assert deps["Diffuser"]["user_config"] == {"max_replicas": 4, "batching": "step", "join": "every_step",
+    assert deps["Diffuser"]["user_config"] == {"max_replicas": 4, "join": "every_step",
                                                "max_batch_size": 16, "batch_wait_timeout_s": 0.05}
     assert deps["Upscaler"]["num_replicas"] == 2 and deps["Upscaler"]["max_queued_requests"] == 16
     assert deps["Upscaler"]["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.25,

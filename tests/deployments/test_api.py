@@ -109,10 +109,11 @@ def test_auth(app):
     ({"prompt": ""}, "prompt"),
     ({"prompt": "ok", "n": 99}, "n"),
     ({"prompt": "ok", "size": "big"}, "size"),
-    ({"prompt": "ok", "size": "100x100"}, "width"),
+    ({"prompt": "ok", "size": "100x100"}, "size"),  # the field the client sent, not the pipeline's width
+    ({"prompt": "ok", "size": "9" * 5000 + "x64"}, "size"),
     ({"prompt": "ok", "colour": "red"}, "colour"),
     ({"prompt": "ok --ar 0:1"}, "prompt"),
-    ({"prompt": "ok --steps 999"}, "steps"),
+    ({"prompt": "ok --steps 999"}, "prompt"),  # a flag's value is part of the prompt
     ({"prompt": "ok --bogus 1"}, "prompt"),
     ({"prompt": "--n 2"}, "prompt"),
     ({"prompt": "ok", "upscale": 3}, "upscale"),

@@ -26,7 +26,7 @@ def diffuser(tiny_model_dir):
 
 
 def configure(d, **kw):
-    base = {"max_replicas": 1, "batching": "step", "join": "every_step", "max_batch_size": 8,
+    base = {"max_replicas": 1, "join": "every_step", "max_batch_size": 8,
             "batch_wait_timeout_s": 0.0}
     d.reconfigure({**base, **kw})
     d.step_sizes.clear()

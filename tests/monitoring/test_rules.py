@@ -10,7 +10,8 @@ import yaml
 
 from cluster.config import DEPLOYMENT_NAMES
 from cluster.prometheus import ALERT_RULES, CONFIG_TEMPLATE, MONITORING_DIR, SD_FILE, find_promtool, render_local_config
-from deployments.metrics import ERROR_REASONS, METRICS
+from deployments.errors import REASONS as ERROR_REASONS
+from deployments.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 RULE_TESTS = MONITORING_DIR / "tests" / "alerts_test.yml"

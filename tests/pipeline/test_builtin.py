@@ -5,14 +5,16 @@ text encoder drops it to chance (~1/168 for all three attributes right).
 """
 import torch
 
-from pipeline import Pipeline, analyzer, domain
+from pipeline import Pipeline
+from pipeline.builtin import analyzer, domain
 from pipeline.spec import BUILTIN_DIR
 
 FLOOR = 0.75  # all three attributes right; the evaluation report has the full figures
 
 
 def test_builtin_model_follows_prompts():
-    assert (BUILTIN_DIR / "pipeline.json").is_file(), "the built-in model is missing: python -m pipeline.train all"
+    assert (BUILTIN_DIR / "pipeline.json").is_file(), \
+        "the built-in model is missing: python -m pipeline.builtin.train all"
     pipe = Pipeline.load()
     seen = [(p, c) for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if not domain.is_held_out(c)][:4]
     held = [(p, c) for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if domain.is_held_out(c)][:4]

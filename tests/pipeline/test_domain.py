@@ -1,4 +1,4 @@
-"""Tests for the procedural domain (pipeline.domain) and its analyzer (pipeline.analyzer)."""
+"""Tests for the procedural domain (pipeline.builtin.domain) and its analyzer (pipeline.builtin.analyzer)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import analyzer, domain
-from pipeline.domain import (
+from pipeline.builtin import analyzer, domain
+from pipeline.builtin.dataset import ProceduralDataset
+from pipeline.builtin.domain import (
     ALL_COMBOS,
     CAPTION_TEMPLATES,
     COLOR_NAMES,
@@ -22,7 +23,6 @@ from pipeline.domain import (
     SEEN,
     SHAPES,
     SIZE_RANGE,
-    ProceduralDataset,
     Scene,
     canonical_caption,
     caption,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.configs import build_unet, build_vae, clip_model_cfg, save_diffusion
+from pipeline.builtin.configs import build_unet, build_vae, clip_model_cfg, save_diffusion
 from pipeline.sampler import Sampler, SampleRequest
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from pipeline.configs import clip_model_cfg
+from pipeline.builtin.configs import clip_model_cfg
 from pipeline.text_encoder import BPE_FILE, TextEncoder, write_bpe_merges
 from tests.conftest import WORDS
 

@@ -2,7 +2,7 @@
 import json
 
 from pipeline import Pipeline
-from pipeline.train import main, vocabulary
+from pipeline.builtin.train import main, vocabulary
 
 
 def test_train_all_smoke_run_exports_a_loadable_model(tmp_path):
