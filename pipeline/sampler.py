@@ -19,7 +19,7 @@ Latent diffusion (Rombach et al. 2022) when the model folder has a `vae/`; pixel
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +33,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from .request import SCHEDULER_NAMES
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,17 +45,27 @@ class StableEulerAncestralScheduler(EulerAncestralDiscreteScheduler):
     two nearly equal numbers when the first sigma is huge (cosine schedules with trailing spacing and few
     steps: sigma_max ~ 1e4+), goes slightly negative in floating point and turns the image into NaN.
     Algebraically sigma_down = to^2 / from and sigma_up = to * sqrt(1 - (to / from)^2); same result,
-    no NaN.
+    no NaN. The subclass keeps its own position in `sigmas` (`index`, reset by `set_timesteps`), so it
+    relies only on the scheduler's public attributes (`sigmas`, `timesteps`, `config`).
     """
+
+    index: int = 0
+
+    def set_timesteps(self, *args, **kwargs) -> None:
+        super().set_timesteps(*args, **kwargs)
+        self.index = 0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        sigma = self.sigmas[self.index]
+        return sample / ((sigma**2 + 1) ** 0.5)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
         from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
             EulerAncestralDiscreteSchedulerOutput,
         )
         from diffusers.utils.torch_utils import randn_tensor
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        sigma = self.sigmas[self.step_index]
+        # 1. the model's estimate of the clean sample x0 at this sigma
+        sigma = self.sigmas[self.index]
         sample = sample.to(torch.float32)
         if self.config.prediction_type == "epsilon":
             x0 = sample - sigma * model_output
@@ -61,27 +73,32 @@ class StableEulerAncestralScheduler(EulerAncestralDiscreteScheduler):
             x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
         else:
             raise ValueError(f"prediction_type {self.config.prediction_type!r} is not supported by euler_a")
-        sigma_to = self.sigmas[self.step_index + 1]
+        # 2. the ancestral split of the next sigma into a deterministic and a noise part, without cancellation
+        sigma_to = self.sigmas[self.index + 1]
         ratio = sigma_to / sigma
         sigma_up = sigma_to * (1 - ratio**2).clamp(min=0) ** 0.5
         sigma_down = sigma_to * ratio
+        # 3. an Euler step to sigma_down, then fresh noise of sigma_up
         prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
         noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
                              generator=generator)
         prev = (prev + noise * sigma_up).to(model_output.dtype)
-        self._step_index += 1
+        self.index += 1
         if not return_dict:
             return (prev, x0)
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-# name -> (scheduler class, overrides of the model's scheduler config)
+# name (pipeline/request.py SCHEDULER_NAMES) -> (scheduler class, overrides of the model's scheduler config)
 SCHEDULERS: dict[str, tuple[type, dict]] = {
     "ddim": (DDIMScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (StableEulerAncestralScheduler, {}),
 }
+
+
+assert set(SCHEDULERS) == set(SCHEDULER_NAMES), f"{sorted(SCHEDULERS)} != {sorted(SCHEDULER_NAMES)}"
 
 
 @dataclass
@@ -107,8 +124,6 @@ class SampleState:
     latents: torch.Tensor                  # (1, C, h, w)
     generator: torch.Generator
     step_index: int = 0
-    cancelled: bool = False
-    tag: object = field(default=None, repr=False)  # free for the caller (e.g. a job id)
 
     @property
     def num_steps(self) -> int:
@@ -116,7 +131,7 @@ class SampleState:
 
     @property
     def done(self) -> bool:
-        return self.cancelled or self.step_index >= self.num_steps
+        return self.step_index >= self.num_steps
 
     @property
     def progress(self) -> float:
