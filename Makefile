@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+APT    := SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); apt_install() { \
+            $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$$@" || \
+            { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+              apt-get install -y -q --no-install-recommends "$$@"; }; }
 
-.PHONY: install demo test clean prometheus
+.PHONY: install demo test test-slow clean services prometheus redis
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,22 +18,31 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: install prometheus
+# the servers the service and the tests run besides the venv's own (SeaweedFS comes from PyPI)
+services: prometheus redis
+
+demo: install services
 	$(BIN)/imagine demo
 
-test: install prometheus
-	$(BIN)/python -m pytest
+test: install services
+	$(BIN)/python -m pytest -m "not slow"
+
+# the longer fault, multi-node and soak variants (run before a release; not in CI's budget)
+test-slow: install services
+	$(BIN)/python -m pytest -m slow
 
 # prometheus + promtool (Debian's package, ~25 s) when promtool is missing: `imagine up` runs a local Prometheus
 # and the tests check the alert rules with promtool. Without systemd no daemon starts; with systemd the package
 # also enables a system Prometheus on :9090 (see monitoring/README.md).
 prometheus:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus || \
-	  { $$SUDO apt-get update -q && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }; }
+	@command -v promtool >/dev/null 2>&1 || { $(APT); apt_install prometheus; }
 	@promtool --version | head -1
+
+# redis-server (Debian's package): the job queue's broker. `imagine up` and the tests start their own on
+# loopback with a password; the package's own service is not started without systemd.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { $(APT); apt_install redis-server; }
+	@redis-server --version | head -1
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -45,8 +45,9 @@ class RequestLevelDiffuser:
         self.request_batch.set_max_batch_size(user_config["max_batch_size"])
         self.request_batch.set_batch_wait_timeout_s(user_config["batch_wait_timeout_s"])
 
-    async def sample(self, request):
-        """Stream progress events and then the image for one SampleRequest."""
+    async def sample(self, request, priority: int = 0):
+        """Stream progress events and then the image for one SampleRequest (whole requests are batched in
+        arrival order: `priority` is accepted, as the Diffuser's is, and not used)."""
         async with self.metrics.call():
             async for event in self.request_batch(request):
                 yield event

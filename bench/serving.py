@@ -19,23 +19,31 @@ from .stats import cpu_seconds_by_process, cpu_share, diffuser_counters, diffuse
 from .workload import APP_NAME, Plan, arrival_rates, poisson_schedule
 
 
-def bench_config(model: str | None, s3, work: Path, http_port: int, metrics_port: int):
-    """The graph's config: one Diffuser replica with every core, the other stages at their defaults, auth off."""
+def bench_config(model: str | None, s3, redis, work: Path, http_port: int, metrics_port: int):
+    """The graph's config: one Diffuser replica with every core, the other stages at their defaults, auth off,
+    a queue with no admission limit that a benchmark would hit (the bench measures the serving, not the 429s)."""
     from cluster.config import ImagineConfig
     creds = work / "s3-credentials.json"
     creds.touch(mode=0o600)
     creds.write_text(json.dumps({"access_key": s3.access_key, "secret_key": s3.secret_key}))
+    password = work / "redis-password"
+    password.touch(mode=0o600)
+    password.write_text(redis.password)
     return ImagineConfig.from_dict({
         "model": model,
         "cluster": {"app_name": APP_NAME, "http_port": http_port},
         "storage": {"endpoint_url": s3.endpoint_url, "bucket": "imagine-bench", "credentials_file": str(creds),
                     "access_key_env": "IMAGINE_BENCH_S3_ACCESS_KEY", "secret_key_env": "IMAGINE_BENCH_S3_SECRET_KEY",
                     "local": {"enabled": False}},
-        # a request queued behind whole request-level batches sees no progress for minutes under overload:
-        # no stall verdict before the request timeout (the default 60 s would fail queued jobs as stalled)
-        "api": {"auth": "disabled", "api_keys_file": None, "max_queued_requests": -1, "stall_timeout_s": 300},
+        "api": {"auth": "disabled", "api_keys_file": None, "max_queued_requests": -1},
+        "queue": {"redis_url": redis.url, "password_file": str(password), "password_env": "IMAGINE_BENCH_REDIS",
+                  "local": {"enabled": False}, "max_queued_image_steps": 10**9,
+                  "max_queued_image_steps_per_key": 10**9},
+        # the closed loop's 12 clients' jobs all run at once, as they did before the queue (the Diffuser's own
+        # scheduler decides what steps together)
+        "stages": {"diffuser": {"ray_actor_options": {"num_cpus": os.cpu_count() or 1}},
+                   "job_runner": {"max_ongoing_requests": 64}},
         "monitoring": {"enabled": False, "metrics_export_port": metrics_port},  # no Prometheus; Ray's port
-        "stages": {"diffuser": {"ray_actor_options": {"num_cpus": os.cpu_count() or 1}}},
     })
 
 
@@ -54,14 +62,17 @@ def local_cluster(work: Path, model: str | None):
 
     from cluster.config import DEPLOYMENT_NAMES
     from cluster.launcher import ray_temp_dir
+    from cluster.redis_server import LocalRedis
     from cluster.seaweed import LocalS3Server, find_free_port, pick_s3_port
 
     work.mkdir(parents=True, exist_ok=True)
     s3 = LocalS3Server(work / "s3", pick_s3_port(), access_key="bench-" + secrets.token_hex(4),
                        secret_key=secrets.token_urlsafe(24))
+    redis = LocalRedis(work / "redis", find_free_port(), password=secrets.token_urlsafe(16))
     s3.start()
+    redis.start()
     try:
-        cfg = bench_config(model, s3, work, find_free_port(), find_free_port())
+        cfg = bench_config(model, s3, redis, work, find_free_port(), find_free_port())
         # Ray runs its workers at nice 15 by default: they would yield the cores to this process's load
         # generator and to Ray's own daemons, which the in-process ceiling never has to. Same priority here.
         os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0",
@@ -79,7 +90,9 @@ def local_cluster(work: Path, model: str | None):
             ray.shutdown()
     finally:
         s3.stop()
+        redis.stop()
         shutil.rmtree(work / "s3", ignore_errors=True)
+        shutil.rmtree(work / "redis", ignore_errors=True)
 
 
 def deploy(cfg, mode: str) -> str:

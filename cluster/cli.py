@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="?", default=None, help=cfg_help)
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     d.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
+    j = sub.add_parser("jobs", help="the job queue: dead letters", description="Inspect the job queue.")
+    jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="JOBS_COMMAND")
+    dead = jsub.add_parser("dead", help="jobs that ran out of attempts (newest first)",
+                           description="List the dead letters: jobs that were started jobs.max_attempts times "
+                                       "without an outcome (their runners died), with the last error.")
+    dead.add_argument("config", nargs="?", default=None, help=cfg_help)
+    dead.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
     add_k8s_commands(sub)
     add_dashboard_commands(sub)
     for command in EXTENSIONS:
@@ -229,6 +236,7 @@ def cmd_up(args) -> int:
   api key    {info['api_key'] or '(auth disabled)'}
   S3         {info['s3_endpoint']}  bucket {info['bucket']}
   S3 keys    {info['s3_credentials']}   (for aws/boto3: eval "$(imagine env)")
+  job queue  {info['redis']}   (Redis; `imagine status` shows the queue)
   images     {info['images']}
   dashboard  {info['dashboard']}
   prometheus {_prometheus_line(c, info['prometheus'])}
@@ -255,6 +263,21 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    c = Cluster.load(args.config)
+    try:
+        dead = c.cfg.queue.job_queue(socket_timeout=5).dead(args.limit)
+    except Exception as e:
+        print(f"error: cannot read the job queue at {c.cfg.queue.redis_url}: {e}", file=sys.stderr)
+        return 2
+    if not dead:
+        print("no dead letters")
+    for d in dead:
+        print(f"{d['job_id']}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d['at']))}  "
+              f"attempts {d['attempts']}  {d['error']}")
+    return 0
+
+
 def cmd_down(args) -> int:
     from cluster import launcher
     launcher.down(Cluster.load(args.config))
@@ -273,6 +296,15 @@ def cmd_status(args) -> int:
         print(f"  {name:<12} {d['status']:<10} replicas {d['replicas']}/{d['target']}  "
               f"ongoing {d.get('ongoing', 'n/a')}  queued {d.get('queued', 'n/a')}")
     print(f"health: {json.dumps(st['health'])}")
+    q = st.get("queue")
+    if isinstance(q, dict):
+        rate = q["drain_image_steps_per_s"]
+        print(f"queue: waiting fast {q['queued']['fast']}, relax {q['queued']['relax']} "
+              f"({q['queued_image_steps']} image-steps; oldest {q['oldest_queued_s']}s), running {q['running']}, "
+              f"redelivered {q['redelivered']}, dead {q['dead']} (`imagine jobs dead`); "
+              f"drain {f'{rate:.0f} image-steps/s' if rate else 'not measured yet'}")
+    else:
+        print(f"queue: {q}")
     if st.get("prometheus"):
         print(f"prometheus: {st['prometheus']}")
     return 0
@@ -309,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down, "status": cmd_status,
-                "env": cmd_env, "apply": cmd_apply, "serve-config": cmd_serve_config, "k8s": cmd_k8s,
-                "dashboards": cmd_dashboards}
+                "env": cmd_env, "jobs": cmd_jobs, "apply": cmd_apply, "serve-config": cmd_serve_config,
+                "k8s": cmd_k8s, "dashboards": cmd_dashboards}
     try:
         if args.command in EXTENSIONS:
             return _extension(args.command).run(args)

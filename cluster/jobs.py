@@ -103,6 +103,11 @@ class JobRecord(_Record):
     images: list[ImageRecord] = Field(default_factory=list)
     error: str | None = None
     error_type: str | None = None
+    priority: Literal["fast", "relax"] = "fast"
+    key_id: str | None = None  # a hash of the API key that submitted it (never the key)
+    attempts: int = Field(0, ge=0)  # runs started (a runner that died counts one)
+    started_at: float | None = None  # unix seconds, when its current run started (queueing ends)
+    queue_wait_s: float | None = None  # created_at to the first start
 
     @field_validator("request")
     @classmethod
@@ -125,10 +130,10 @@ class JobStore:
     def __repr__(self) -> str:
         return f"JobStore({self.storage!r})"
 
-    def create(self, request: dict[str, Any]) -> JobRecord:
-        """A new queued job for the resolved request, written to jobs/<id>.json."""
+    def create(self, request: dict[str, Any], job_id: str | None = None, **fields: Any) -> JobRecord:
+        """A new queued job for the resolved request, written to jobs/<id>.json (a new id unless given)."""
         now = time.time()
-        record = JobRecord(id=new_job_id(), created_at=now, updated_at=now, request=request)
+        record = JobRecord(id=job_id or new_job_id(), created_at=now, updated_at=now, request=request, **fields)
         self.storage.put_json(job_key(record.id), _stored(record), if_none_match=True)
         return record
 

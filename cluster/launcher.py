@@ -1,8 +1,8 @@
 """The local launcher: `imagine up`, `down`, `status`, `apply` on this machine.
 
 `up` starts a Ray head (token auth off, temp dir in the work area), the local S3 server
-(SeaweedFS), a local Prometheus on Ray's metrics (when installed) and the application, waits until
-/healthz answers, and returns, as `ray start` does.
+(SeaweedFS), the local Redis (the job queue's broker, with a password), a local Prometheus on Ray's
+metrics (when installed) and the application, waits until /healthz answers, and returns, as `ray start` does.
 `apply` deploys the config through Ray's dashboard API (the same as `serve deploy`): changing a
 stage's replicas is applied in place, without restarting the other replicas.
 """
@@ -90,6 +90,33 @@ def ensure_api_key(c: Cluster) -> str | None:
         _write_secret(Path(api.api_keys_file), key + "\n")
         return key
     return sorted(keys)[0] if keys else None
+
+
+def ensure_redis_password(c: Cluster) -> str | None:
+    """The broker password: from its env var or file; for the local Redis, a new file on first start."""
+    q = c.cfg.queue
+    password = q.password()
+    if password is None and q.local.enabled and q.password_file:
+        password = secrets.token_urlsafe(24)
+        _write_secret(Path(q.password_file), password + "\n")
+    return password
+
+
+def start_redis(c: Cluster, password: str | None) -> str:
+    """The local Redis (cluster/redis_server.py) when `queue.local.enabled`; where the queue's Redis is."""
+    from cluster.redis_server import LocalRedis, RedisError
+    q = c.cfg.queue
+    if not q.local.enabled:
+        return q.redis_url
+    if not password:
+        raise SystemExit(f"the local Redis needs a password: set {q.password_env} or write {q.password_file}")
+    data = Path(q.local.data_dir)
+    try:
+        if LocalRedis.from_pidfile(data) is None:
+            LocalRedis(data, q.local.port, password).start()
+    except RedisError as e:
+        raise SystemExit(f"Redis: {e}") from e
+    return q.redis_url
 
 
 def start_s3(c: Cluster, key: str, secret: str) -> str:
@@ -201,13 +228,14 @@ def up(c: Cluster) -> dict:
     key, secret = ensure_credentials(c)
     s3 = start_s3(c, key, secret)
     prometheus = start_prometheus(c)
+    redis = start_redis(c, ensure_redis_password(c))
     api_key = ensure_api_key(c)
     start_ray(c)
     from cluster.storage import Storage
     Storage.from_config(c.cfg.storage).ensure_bucket()
     apply(c)
     return {"endpoint": c.endpoint, "api_key": api_key, "s3_endpoint": s3, "bucket": c.cfg.storage.bucket,
-            "s3_credentials": credentials_source(c),
+            "s3_credentials": credentials_source(c), "redis": redis,
             "images": f"s3://{c.cfg.storage.bucket}/images/<job_id>/<index>.png", "dashboard": c.dashboard,
             "prometheus": prometheus, "seconds": round(time.monotonic() - t0, 1)}
 
@@ -237,7 +265,10 @@ def environment(c: Cluster) -> dict[str, str]:
         env["AWS_ENDPOINT_URL"] = s.endpoint_url
     env |= {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret.get_secret_value(),
             "AWS_DEFAULT_REGION": s.region, "IMAGINE_S3_BUCKET": s.bucket,
-            s.access_key_env: access, s.secret_key_env: secret.get_secret_value()}
+            s.access_key_env: access, s.secret_key_env: secret.get_secret_value(),
+            "IMAGINE_REDIS_URL": c.cfg.queue.redis_url}
+    if (password := c.cfg.queue.password()) is not None:
+        env[c.cfg.queue.password_env] = password
     return env
 
 
@@ -294,7 +325,15 @@ def status(c: Cluster) -> dict:
     except requests.RequestException:
         pass
     return {"ray": "up", "app": app.get("status"), "deployments": deployments, "health": health,
-            "prometheus": prometheus_url(c)}
+            "queue": queue_status(c), "prometheus": prometheus_url(c)}
+
+
+def queue_status(c: Cluster) -> dict | str:
+    """The job queue: waiting jobs per tier, the oldest one's age, running, redelivered and dead jobs."""
+    try:
+        return c.cfg.queue.job_queue(socket_timeout=3).stats()
+    except Exception as e:
+        return f"unavailable ({type(e).__name__}: {e})"
 
 
 def serve_load(c: Cluster) -> dict[str, dict]:
@@ -317,6 +356,7 @@ def serve_load(c: Cluster) -> dict[str, dict]:
 
 def down(c: Cluster) -> None:
     from cluster.prometheus import LocalPrometheus
+    from cluster.redis_server import LocalRedis
     from cluster.seaweed import LocalS3Server
     if _ray_running(c):
         try:
@@ -327,4 +367,6 @@ def down(c: Cluster) -> None:
     subprocess.run([_bin("ray"), "stop", "--force"], env=c.env(), capture_output=True, timeout=120)
     if c.cfg.storage.local.enabled:
         LocalS3Server.stop_from_pidfile(Path(c.cfg.storage.local.data_dir))
+    if c.cfg.queue.local.enabled:
+        LocalRedis.stop_from_pidfile(Path(c.cfg.queue.local.data_dir))
     LocalPrometheus.stop_from_pidfile(prometheus_dir(c))

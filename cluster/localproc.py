@@ -95,6 +95,7 @@ class LocalProcess:
     error: ClassVar[type[Exception]]
     pid_file_name: ClassVar[str]
     log_file_name: ClassVar[str]
+    config_file_name: ClassVar[str] = "config"
     ready_poll_s: ClassVar[float] = 0.1
     log: ClassVar[logging.Logger] = logger
 
@@ -146,6 +147,11 @@ class LocalProcess:
     @property
     def log_file(self) -> Path:
         return self.data_dir / self.log_file_name
+
+    @property
+    def config_file(self) -> Path:
+        """The server's config file in data_dir (for servers that have one: `config_file_name`)."""
+        return self.data_dir / self.config_file_name
 
     @property
     def pid(self) -> int | None:

@@ -106,6 +106,7 @@ class LocalPrometheus(LocalProcess):
     error = PrometheusError
     pid_file_name = PID_FILE
     log_file_name = LOG_FILE
+    config_file_name = CONFIG_FILE
     ready_poll_s = 0.1
     log = logger
 
@@ -122,10 +123,6 @@ class LocalPrometheus(LocalProcess):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def config_file(self) -> Path:
-        return self.data_dir / CONFIG_FILE
 
     def start(self, timeout_s: float = 30) -> None:
         """Render the config, start Prometheus in its own session (it outlives this process), wait for /-/ready.

@@ -1,4 +1,6 @@
-"""The deployment graph: Ingress -> TextEncoder -> Diffuser -> Upscaler -> Publisher.
+"""The deployment graph: Ingress -> (the job queue on Redis) -> JobRunner -> TextEncoder -> Diffuser ->
+Upscaler -> Publisher. The Ingress holds the stages' handles for /healthz only; jobs reach the JobRunner as
+Celery messages.
 
     from deployments.app import build_app
     serve.run(build_app(ImagineConfig.load("imagine.yaml")))
@@ -9,10 +11,11 @@ set here in code are the same ones `ImagineConfig.serve_config()` writes for the
 """
 from __future__ import annotations
 
-from cluster.config import DEPLOYMENT_NAMES, ImagineConfig
+from cluster.config import DEPLOYMENT_NAMES, STAGES, ImagineConfig
 
 from .diffuser import Diffuser
 from .ingress import Ingress
+from .job_runner import job_runner_deployment
 from .publisher import Publisher
 from .text_encoder import TextEncoder
 from .upscaler import Upscaler
@@ -39,8 +42,10 @@ def build_app(cfg: ImagineConfig, classes: dict | None = None):
     config = cfg.model_dump(mode="json")
     handles = {name: cls.options(**deployment_options(cfg, name)).bind(config)
                for name, cls in {**CLASSES, **(classes or {})}.items()}
-    return Ingress.options(**deployment_options(cfg, "ingress")).bind(
-        config, handles["text_encoder"], handles["diffuser"], handles["upscaler"], handles["publisher"])
+    stages = [handles[name] for name in STAGES]
+    runner = job_runner_deployment(cfg).options(**deployment_options(cfg, "job_runner")).bind(config, *stages)
+    # the Ingress gets the runner's handle too: Serve deploys what the ingress's arguments reach
+    return Ingress.options(**deployment_options(cfg, "ingress")).bind(config, *stages, runner)
 
 
 def build_app_from_args(args: dict):

@@ -1,6 +1,8 @@
 """Diffuser deployment: the denoising loop, continuously batched across requests at step boundaries.
 
-`sample(request)` is a streaming method: it yields `{"progress": p}` as its denoising steps go and finally
+`sample(request, priority)` is a streaming method: it yields `{"waiting": n}` at once and then about every
+second while the request waits for a slot (n requests ahead of it: a heartbeat, so that a caller can tell a
+busy replica from a dead one), `{"progress": p}` as its denoising steps go and finally
 `{"image": (3, h, w) tensor}`. One loop per replica runs the engine step of deployments/scheduler.py:
 the `StepScheduler` decides which requests step next (admission up to `max_batch_size` images, the `join`
 policy, priority, cancellation), this loop starts their sampler states, runs one batched `Sampler.step`
@@ -23,6 +25,7 @@ from .stage import Stage
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.25  # at most one progress event per request this often (and always the last one)
+WAITING_EVERY_S = 1.0    # a waiting request's heartbeat
 
 
 @serve.deployment(name="Diffuser")
@@ -35,7 +38,8 @@ class Diffuser(Stage):
         self.sampler = Sampler.from_pretrained(spec.resolve_path(spec.diffusion), device=self.device)
         self.scheduler = StepScheduler()
         self._events: dict[Entry, asyncio.Queue] = {}
-        self._reported: dict[Entry, float] = {}
+        self._reported: dict[Entry, float] = {}  # when each request's last progress event went out
+        self._beats: dict[Entry, float] = {}     # when each waiting request's last heartbeat went out
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -43,13 +47,16 @@ class Diffuser(Stage):
         self.scheduler.configure(user_config["max_batch_size"], user_config["join"])
         self.batch_wait_timeout_s = user_config["batch_wait_timeout_s"]
 
-    async def sample(self, request):
-        """Stream progress events and then the image for one SampleRequest."""
+    async def sample(self, request, priority: int = 0):
+        """Stream heartbeats while waiting, progress events, then the image for one SampleRequest (a lower
+        `priority` waits less: the job queue's level)."""
         async with self.metrics.call():
-            entry = self.scheduler.add(request)
+            entry = self.scheduler.add(request, priority)
             events = self._events[entry] = asyncio.Queue()
+            self._beats[entry] = time.monotonic()
             self._ensure_loop()
             try:
+                yield {"waiting": self.scheduler.position(entry) or 0}
                 while True:
                     event = await events.get()
                     if isinstance(event, BaseException):
@@ -61,6 +68,7 @@ class Diffuser(Stage):
                 self.scheduler.cancel(entry)
                 self._events.pop(entry, None)
                 self._reported.pop(entry, None)
+                self._beats.pop(entry, None)
 
     def _ensure_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,6 +123,7 @@ class Diffuser(Stage):
                 self._send(entry, e)
             return
         self._report_progress(running)
+        self._report_waiting()
         for entry, img in zip(done, images):
             self._send(entry, {"image": img.cpu()})
         m.inc("imagine_images_generated_total", len(done))
@@ -134,6 +143,14 @@ class Diffuser(Stage):
             if entry.state.done or now - self._reported.get(entry, 0.0) >= PROGRESS_EVERY_S:
                 self._reported[entry] = now
                 self._send(entry, {"progress": entry.state.progress})
+
+    def _report_waiting(self) -> None:
+        """A heartbeat with its place in line for each request that has waited WAITING_EVERY_S since the last."""
+        now = time.monotonic()
+        for n, entry in enumerate(self.scheduler.waiting):
+            if now - self._beats.get(entry, 0.0) >= WAITING_EVERY_S:
+                self._beats[entry] = now
+                self._send(entry, {"waiting": n})
 
     def _send(self, entry: Entry, event) -> None:
         queue = self._events.get(entry)

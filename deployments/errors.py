@@ -47,3 +47,10 @@ def error_type(e: BaseException) -> str:
 def is_replica_failure(e: BaseException) -> bool:
     """True for errors that mean the replica (or its node) went away, not that the request was bad."""
     return reason(e) == "replica_failure"
+
+
+def is_broker_error(e: BaseException) -> bool:
+    """True when the job queue's Redis could not be reached (connection refused or lost, timeouts)."""
+    import redis
+    from kombu.exceptions import OperationalError
+    return isinstance(e, (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError, TimeoutError))

@@ -53,9 +53,14 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "imagine_http_requests_total": ("counter", ("handler", "method", "code"), "HTTP requests, by route template."),
     "imagine_jobs_submitted_total": ("counter", (), "Jobs accepted."),
     "imagine_jobs_finished_total": ("counter", ("state",), "Jobs ended, by state (succeeded, failed, cancelled)."),
-    "imagine_jobs": ("gauge", ("state",), "Jobs held by the ingress replica, by state (queued, running)."),
+    "imagine_jobs": ("gauge", ("state",), "Jobs in the queue's bookkeeping, by state (queued, running)."),
     "imagine_job_latency_seconds": ("histogram", (), "End-to-end latency of succeeded jobs (accepted to published)."),
     "imagine_job_queue_wait_seconds": ("histogram", (), "Time from acceptance to the job's first denoising step."),
+    # JobRunner (the durable queue; every runner replica exports the same queue-wide gauges)
+    "imagine_queue_depth": ("gauge", ("priority",), "Jobs waiting in the queue, by priority tier (fast, relax)."),
+    "imagine_queue_oldest_seconds": ("gauge", (), "Age of the oldest job waiting in the queue."),
+    "imagine_jobs_redelivered_total": ("counter", (), "Jobs re-enqueued because their runner's lease expired."),
+    "imagine_jobs_dead_total": ("counter", (), "Jobs that ran out of attempts (sent to the dead letters)."),
 }
 _BOUNDARIES = {"imagine_stage_batch_size": BATCH_BUCKETS, "imagine_denoising_step_seconds": STEP_BUCKETS}
 

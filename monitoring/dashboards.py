@@ -5,14 +5,17 @@
 Three dashboards, each importable as it is (Grafana: Dashboards > New > Import, or the k8s ConfigMap that
 `imagine k8s render` makes of `monitoring/dashboards/*.json` for Grafana's dashboard sidecar):
 
-- `overview` (uid imagine-overview): HTTP traffic, images, job latency and queue wait, errors, jobs by state.
+- `overview` (uid imagine-overview): HTTP traffic, images, job latency, the job queue (depth by priority, oldest
+  waiting job, queue wait, jobs by state, redelivered and dead jobs), errors.
 - `stages` (uid imagine-stages): per-stage latency, batching, queues, replicas, denoising, memory, load time,
   and a row per deployment (repeated over `$deployment`) broken down by replica.
 - `storage` (uid imagine-storage): S3 writes, bytes, write latency, images published, Publisher errors.
 
 Every query reads the metrics of deployments/metrics.py (names as Prometheus stores them, after the scrape
 config's `ray_imagine_*` -> `imagine_*` rename) or Serve's own `ray_serve_*`, filters on `cluster=~"$cluster"`
-(and `deployment=~"$deployment"` on the stages dashboard) and takes rates over `$__rate_interval`.
+(and `deployment=~"$deployment"` on the stages dashboard) and takes rates over `$__rate_interval`. The job
+queue's gauges (imagine_queue_*, imagine_jobs) are queue-wide and reported by every JobRunner replica alike, so
+they are aggregated with max over the replicas, never summed.
 """
 from __future__ import annotations
 
@@ -65,6 +68,23 @@ def mean(histogram: str, *matchers: str, by: str = "") -> str:
 def share(metric: str, matcher: str) -> str:
     """The share of a counter's rate that matches `matcher` (0 when none does)."""
     return f"({sum_rate(metric, matcher)} or vector(0)) / {sum_rate(metric)}"
+
+
+def queue_wide(metric: str, *matchers: str, by: str = "") -> str:
+    """A gauge every JobRunner replica exports with the same queue-wide value: the max over the replicas of each
+    cluster and application (a sum would count the queue once per replica), summed over those selected."""
+    inner = f"max by ({', '.join(('cluster', 'application', *([by] if by else [])))}) ({sel(metric, *matchers)})"
+    return f"sum by ({by}) ({inner})" if by else f"sum({inner})"
+
+
+def events(metric: str, *matchers: str) -> str:
+    """How many times a rare counter went up in the rate interval, 0 when it never did. Ray exports a counter
+    from its first increment on, already at 1, which increase() cannot see: a series that is new in the
+    interval counts with its value (as in alerts.yml), one that is older with its increase."""
+    s, interval = sel(metric, *matchers), "$__rate_interval"
+    older = f"sum(increase({s}[{interval}]) and {s} offset {interval})"
+    new = f"sum({s} unless {s} offset {interval})"
+    return f"({older} or vector(0)) + ({new} or vector(0))"
 
 
 def percentiles(histogram: str, *matchers: str, by: str = "", qs=(0.5, 0.95, 0.99)) -> list[tuple[str, str]]:
@@ -136,7 +156,8 @@ def overview() -> db.Dashboard:
     http, finished = "imagine_http_requests_total", "imagine_jobs_finished_total"
     return (
         _dashboard("imagine-overview", "imagine / Overview",
-                   "The text-to-image service as its users see it: requests, images, job latency, errors, jobs.",
+                   "The text-to-image service as its users see it: requests, images, job latency, the job "
+                   "queue, errors.",
                    ["overview"], deployment_variable=False)
         .with_row(db.Row("Service"))
         .with_panel(single("HTTP requests/s", "Requests to the Ingress, all routes and codes.", "reqps",
@@ -153,20 +174,40 @@ def overview() -> db.Dashboard:
         .with_panel(single("HTTP 5xx ratio", "Share of HTTP responses with a 5xx code.", "percentunit",
                            share(http, 'code=~"5.."'),
                            thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")]))
-        .with_panel(single("Jobs queued", "Jobs accepted by the Ingress and not yet running.", "short",
-                           "sum(" + sel("imagine_jobs", 'state="queued"') + ")",
+        .with_panel(single("Jobs queued", "Jobs waiting in the job queue, all priorities (queue-wide: the max "
+                           "over the JobRunner replicas, which all report it).", "short",
+                           queue_wide("imagine_jobs", 'state="queued"'),
                            thresholds=[(None, "green"), (50, "orange"), (200, "red")]))
-        .with_row(db.Row("Traffic"))
+        .with_row(db.Row("Traffic and latency"))
         .with_panel(graph("HTTP requests/s by code", "Requests to the Ingress by status code (all routes).",
-                          "reqps", [(sum_rate(http, by="code"), "{{code}}")]))
+                          "reqps", [(sum_rate(http, by="code"), "{{code}}")], width=8))
         .with_panel(graph("Images/s", "Images the Diffuser finished sampling and images published to S3.",
                           "short", [(sum_rate("imagine_images_published_total"), "published"),
-                                    (sum_rate("imagine_images_generated_total"), "generated")]))
-        .with_row(db.Row("Latency"))
+                                    (sum_rate("imagine_images_generated_total"), "generated")], width=8))
         .with_panel(graph("Job latency (end to end)", "Accepted to published, succeeded jobs only.", "s",
-                          percentiles("imagine_job_latency_seconds")))
+                          percentiles("imagine_job_latency_seconds"), width=8))
+        .with_row(db.Row("Queue and jobs"))
+        .with_panel(graph("Queue depth by priority", "Jobs waiting in the job queue by priority tier (relax "
+                          "waits behind every fast job). Queue-wide: the max over the JobRunner replicas, which "
+                          "all report it.", "short",
+                          [(queue_wide("imagine_queue_depth", by="priority"), "{{priority}}")], width=8))
+        .with_panel(graph("Oldest waiting job", "Age of the oldest job waiting in the queue (0 when none waits); "
+                          "the alert ImagineQueueOldJobs fires above 10 minutes.", "s",
+                          [(f"max({sel('imagine_queue_oldest_seconds')})", "oldest waiting job")], width=8))
         .with_panel(graph("Queue wait", "Time from acceptance to the job's first denoising step.", "s",
-                          percentiles("imagine_job_queue_wait_seconds", qs=(0.5, 0.95))))
+                          percentiles("imagine_job_queue_wait_seconds", qs=(0.5, 0.95)), width=8))
+        .with_panel(graph("Jobs by state", "Jobs waiting in the queue and jobs the JobRunners run (gauges; "
+                          "queue-wide: the max over the JobRunner replicas, which all report them).", "short",
+                          [(queue_wide("imagine_jobs", by="state"), "{{state}}")], width=8))
+        .with_panel(graph("Jobs submitted and finished/s", "Jobs accepted, and jobs ended by final state.",
+                          "short", [(sum_rate("imagine_jobs_submitted_total"), "submitted"),
+                                    (sum_rate(finished, by="state"), "{{state}}")], width=8))
+        .with_panel(graph("Jobs redelivered and dead", "Jobs per rate interval ($__rate_interval) re-enqueued "
+                          "because their runner's lease expired (a runner died), and jobs that ran out of "
+                          "attempts (dead letters, failed with retries_exhausted; alert ImagineJobsDeadLettered). "
+                          "0 while none happened.", "short",
+                          [(events("imagine_jobs_redelivered_total"), "redelivered"),
+                           (events("imagine_jobs_dead_total"), "dead")], width=8))
         .with_row(db.Row("Errors"))
         .with_panel(graph("Stage errors/s by deployment and reason", "Stage calls that raised, by the bounded "
                           "reason of deployments/metrics.py (timeout, storage, out_of_memory, ...).", "reqps",
@@ -175,12 +216,6 @@ def overview() -> db.Dashboard:
         .with_panel(graph("HTTP errors/s (4xx, 5xx)", "Ingress responses with a 4xx or 5xx code, by code and "
                           "route.", "reqps",
                           [(sum_rate(http, 'code=~"4..|5.."', by="code, handler"), "{{code}} {{handler}}")]))
-        .with_row(db.Row("Jobs"))
-        .with_panel(graph("Jobs by state", "Jobs the Ingress holds, queued or running (a gauge).", "short",
-                          [(f"sum by (state) ({sel('imagine_jobs')})", "{{state}}")]))
-        .with_panel(graph("Jobs submitted and finished/s", "Jobs accepted, and jobs ended by final state.",
-                          "short", [(sum_rate("imagine_jobs_submitted_total"), "submitted"),
-                                    (sum_rate(finished, by="state"), "{{state}}")]))
     )
 
 

@@ -62,3 +62,15 @@ def prometheus_server(tmp_path_factory):
     yield server
     server.stop()
 
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One local Redis for the session (the job queue's broker) on a free port, with a random password."""
+    from cluster.redis_server import INSTALL_HINT, LocalRedis, find_redis_server
+    from cluster.seaweed import find_free_port
+    if find_redis_server() is None:  # an install error, not a reason to skip
+        pytest.fail(f"redis-server is not installed: {INSTALL_HINT}")
+    server = LocalRedis(tmp_path_factory.mktemp("redis"), find_free_port(), password=secrets.token_urlsafe(16))
+    server.start()
+    yield server
+    server.stop()

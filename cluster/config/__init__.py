@@ -22,13 +22,24 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .base import DEPLOYMENT_NAMES, IMPORT_PATH, STAGES, ConfigError, _Model, _resolve
-from .services import ApiConfig, ClusterConfig, Limits, LocalS3, MonitoringConfig, StorageConfig
+from .base import DEPLOYMENT_NAMES, IMPORT_PATH, QUEUE_POLICY, STAGES, ConfigError, _Model, _resolve
+from .services import (
+    ApiConfig,
+    ClusterConfig,
+    JobsConfig,
+    Limits,
+    LocalBroker,
+    LocalS3,
+    MonitoringConfig,
+    QueueConfig,
+    StorageConfig,
+)
 from .stages import (
     ActorOptions,
     Autoscaling,
     DiffuserConfig,
     IngressConfig,
+    JobRunnerConfig,
     PublisherConfig,
     StageConfig,
     Stages,
@@ -38,11 +49,14 @@ from .stages import (
 
 __all__ = [
     "DEPLOYMENT_NAMES", "IMPORT_PATH", "STAGES", "ActorOptions", "ApiConfig", "Autoscaling", "ClusterConfig",
-    "ConfigError", "DiffuserConfig", "ImagineConfig", "IngressConfig", "Limits", "LocalS3", "MonitoringConfig",
-    "PublisherConfig", "StageConfig", "Stages", "StorageConfig", "TextEncoderConfig", "UpscalerConfig",
-    "render_serve_config_yaml", "validate_serve_config",
+    "ConfigError", "DiffuserConfig", "ImagineConfig", "IngressConfig", "JobRunnerConfig", "JobsConfig", "Limits",
+    "LocalBroker", "LocalS3", "MonitoringConfig", "PublisherConfig", "QUEUE_POLICY", "QueueConfig", "StageConfig",
+    "Stages", "StorageConfig", "TextEncoderConfig", "UpscalerConfig", "render_serve_config_yaml",
+    "validate_serve_config",
 ]
 
+
+ADMISSION_KEYS = ("max_queued_image_steps", "max_queued_image_steps_per_key")  # queue limits the Ingress applies
 
 # ---- the config ---------------------------------------------------------------------------------
 
@@ -54,6 +68,8 @@ class ImagineConfig(_Model):
     api: ApiConfig = Field(default_factory=ApiConfig)
     limits: Limits = Field(default_factory=Limits)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ImagineConfig":
@@ -63,6 +79,8 @@ class ImagineConfig(_Model):
                       "monitoring.prometheus_port": self.monitoring.prometheus_port}
         if self.storage.local.enabled:
             ports["storage.local.port"] = self.storage.local.port
+        if self.queue.local.enabled:
+            ports["queue.local.port"] = self.queue.local.port
         seen: dict[int, str] = {}
         for name, port in ports.items():
             if port in seen:
@@ -113,6 +131,8 @@ class ImagineConfig(_Model):
         d["storage"]["credentials_file"] = _resolve(d["storage"]["credentials_file"], base_dir)
         d["storage"]["local"]["data_dir"] = _resolve(d["storage"]["local"]["data_dir"], base_dir)
         d["api"]["api_keys_file"] = _resolve(d["api"]["api_keys_file"], base_dir)
+        d["queue"]["password_file"] = _resolve(d["queue"]["password_file"], base_dir)
+        d["queue"]["local"]["data_dir"] = _resolve(d["queue"]["local"]["data_dir"], base_dir)
         return type(self).model_validate(d)
 
     def serve_config(self, config_path: str | Path | None = None) -> dict:
@@ -144,6 +164,8 @@ class ImagineConfig(_Model):
         d = self.model_dump(mode="json")
         keep = {"model", "device", "ray_actor_options"}
         d["stages"] = {name: {k: v for k, v in stage.items() if k in keep} for name, stage in d["stages"].items()}
+        for k in ADMISSION_KEYS:  # the Ingress's user_config
+            d["queue"].pop(k)
         return d
 
     def _deployment(self, name: str) -> dict:
@@ -151,6 +173,8 @@ class ImagineConfig(_Model):
         d: dict[str, Any] = {"name": DEPLOYMENT_NAMES[name]}
         if stage.autoscaling is not None:
             d["autoscaling_config"] = stage.autoscaling.to_serve()
+            if name == "job_runner":  # the queue consumer scales on the queue's length (deployments/queue.py)
+                d["autoscaling_config"]["policy"] = self._queue_policy()
         else:
             d["num_replicas"] = stage.num_replicas
         d["max_ongoing_requests"] = stage.max_ongoing_requests
@@ -162,7 +186,17 @@ class ImagineConfig(_Model):
         d["graceful_shutdown_timeout_s"] = stage.graceful_shutdown_timeout_s
         if (user_config := stage.user_config()) is not None:
             d["user_config"] = user_config
+        if name == "ingress":  # admission limits change in place, like batch sizes
+            d["user_config"] = {k: getattr(self.queue, k) for k in ADMISSION_KEYS}
         return d
+
+
+    def _queue_policy(self) -> dict:
+        q = self.queue
+        return {"policy_function": QUEUE_POLICY,
+                "policy_kwargs": {"redis_url": q.redis_url, "queue_name": q.queue_name, "password_env": q.password_env,
+                                  "password_file": q.password_file, "prefix": q.prefix,
+                                  "poll_interval_s": self.stages.job_runner.queue_poll_interval_s}}
 
 
 def validate_serve_config(d: dict) -> None:

@@ -6,9 +6,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 STAGES = ("text_encoder", "diffuser", "upscaler", "publisher")  # the pipeline's stages, in order
-DEPLOYMENT_NAMES = {"ingress": "Ingress", "text_encoder": "TextEncoder", "diffuser": "Diffuser",
-                    "upscaler": "Upscaler", "publisher": "Publisher"}
+DEPLOYMENT_NAMES = {"ingress": "Ingress", "job_runner": "JobRunner", "text_encoder": "TextEncoder",
+                    "diffuser": "Diffuser", "upscaler": "Upscaler", "publisher": "Publisher"}
 IMPORT_PATH = "deployments.app:build_app_from_args"  # how Serve (and `imagine up`) finds the application
+QUEUE_POLICY = "deployments.queue:QueueAutoscalingPolicy"  # the JobRunner's autoscaling policy, by import path
 
 
 class ConfigError(ValueError):

@@ -84,11 +84,11 @@ class StorageConfig(_Model):
 
 
 class ApiConfig(_Model):
-    api_keys_file: str | None = ".imagine/api_keys"  # one key per line; `imagine up` writes one on first start
+    # one key per line, optionally followed by its priority tier ("imk_... relax"); `imagine up` writes one
+    api_keys_file: str | None = ".imagine/api_keys"
     api_keys_env: str = "IMAGINE_API_KEYS"  # comma-separated keys, added to the file's
     auth: Literal["auto", "required", "disabled"] = "auto"  # auto = required when any key is configured
-    request_timeout_s: float = Field(300.0, gt=0)
-    stall_timeout_s: float = Field(60.0, gt=0)  # a Diffuser stream silent this long fails its job (dead replica)
+    request_timeout_s: float = Field(900.0, gt=0)  # how long POST /v1/images/generations waits for its job
     max_queued_requests: int = 64  # Serve's max_queued_requests on the ingress (429 when full); -1 = unlimited
 
     @field_validator("max_queued_requests")
@@ -100,11 +100,26 @@ class ApiConfig(_Model):
 
     def load_api_keys(self, base_dir: str | Path | None = None) -> set[str]:
         """The keys from `api_keys_env` plus those in `api_keys_file` (blank lines and `#` comments skipped)."""
-        keys = {k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()}
+        return set(self.load_key_settings(base_dir))
+
+    def load_key_settings(self, base_dir: str | Path | None = None) -> dict[str, str | None]:
+        """Each key with its priority tier ("fast", "relax"; None = the queue's default).
+
+        Raises:
+            ConfigError: a line of the keys file has a tier other than fast or relax.
+        """
+        keys: dict[str, str | None] = {k.strip(): None for k in os.environ.get(self.api_keys_env, "").split(",")
+                                       if k.strip()}
         path = _resolve(self.api_keys_file, base_dir)
         if path is not None and Path(path).is_file():
-            keys |= {line.strip() for line in Path(path).read_text().splitlines()
-                     if line.strip() and not line.lstrip().startswith("#")}
+            for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+                words = line.split()
+                if not words or words[0].startswith("#"):
+                    continue
+                tier = words[1] if len(words) > 1 else None
+                if tier not in (None, "fast", "relax"):
+                    raise ConfigError(f"{path}:{n}: the priority after a key must be fast or relax, got {tier!r}")
+                keys[words[0]] = tier
         return keys
 
     def auth_enabled(self, keys: set[str]) -> bool:
@@ -141,3 +156,72 @@ class MonitoringConfig(_Model):
     enabled: bool = True
     metrics_export_port: int = Field(8080, ge=1, le=65535)  # Ray's per-node metrics export port
     prometheus_port: int = Field(9090, ge=1, le=65535)
+
+
+class LocalBroker(_Model):
+    """A Redis that `imagine up` starts on this machine (loopback only, password from `queue.password_*`)."""
+    enabled: bool = True
+    data_dir: str = ".imagine/redis"
+    port: int = Field(6390, ge=1, le=65535)
+
+
+class QueueConfig(_Model):
+    """The job queue: Celery messages on Redis (deployments/queue.py) and their bookkeeping (cluster/jobqueue.py).
+
+    Admission counts work in image-steps (a job's cost is n x best_of x steps): beyond `max_queued_image_steps`
+    in total, or `max_queued_image_steps_per_key` for one API key, a new job gets 429 with Retry-After.
+    """
+    redis_url: str = "redis://127.0.0.1:6390/0"  # no password in it: see password_env / password_file
+    password_env: str = "IMAGINE_REDIS_PASSWORD"
+    password_file: str | None = ".imagine/redis-password"  # `imagine up` writes one for the local Redis
+    queue_name: str = Field("imagine-jobs", pattern=r"^[A-Za-z0-9_.-]+$")
+    prefix: str = Field("imagine:", pattern=r"^[A-Za-z0-9_.:-]+$")  # of the bookkeeping keys
+    max_queued_image_steps: int = Field(20000, ge=1)  # these two reach the Ingress in place (user_config)
+    max_queued_image_steps_per_key: int = Field(8000, ge=1)
+    default_priority: Literal["fast", "relax"] = "fast"  # for keys without their own (api.api_keys_file)
+    infrastructure_retries: int = Field(5, ge=0)  # Celery retries of a delivery that could not reach S3 or Redis
+    local: LocalBroker = Field(default_factory=LocalBroker)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _no_secret(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://")):
+            raise ValueError(f"redis_url {v!r} must start with redis:// or rediss://")
+        if "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("redis_url must not hold a password; set it in the environment variable named by "
+                             "password_env, or in the file named by password_file")
+        return v
+
+    @staticmethod
+    def read_password(env: str | None, file: str | None) -> str | None:
+        """The broker password: from the environment variable `env`, else the file `file`; None if neither."""
+        if env and os.environ.get(env):
+            return os.environ[env]
+        if file and Path(file).is_file():
+            return Path(file).read_text().strip()
+        return None
+
+    def password(self) -> str | None:
+        return self.read_password(self.password_env, self.password_file)
+
+    def client(self, **kwargs):
+        """A redis-py client for the queue's Redis (password included)."""
+        import redis
+        return redis.Redis.from_url(self.redis_url, password=self.password(), **kwargs)
+
+    def job_queue(self, **client_kwargs):
+        """The queue's bookkeeping (cluster/jobqueue.py) on this Redis."""
+        from cluster.jobqueue import JobQueue
+        client_kwargs.setdefault("socket_timeout", 5)
+        client_kwargs.setdefault("socket_connect_timeout", 2)
+        return JobQueue(self.client(**client_kwargs), self.max_queued_image_steps,
+                        self.max_queued_image_steps_per_key, prefix=self.prefix)
+
+
+class JobsConfig(_Model):
+    """How a job runs: its deadline, its attempts, the lease that detects a dead runner, stage retries."""
+    deadline_s: float = Field(600.0, gt=0)  # from the job's start (queueing not counted); reported as timeout
+    max_attempts: int = Field(3, ge=1)  # runs of one job (a runner that died counts one) before retries_exhausted
+    lease_s: float = Field(10.0, gt=0)  # a runner renews its jobs' leases every lease_s / 3; expired = redelivered
+    stage_retries: int = Field(2, ge=0)  # calls of a stage whose replica died, retried inside the job
+    stall_timeout_s: float = Field(30.0, gt=0)  # a stage stream silent this long (not even a heartbeat) = dead

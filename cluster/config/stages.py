@@ -171,6 +171,18 @@ class IngressConfig(StageConfig):
         return v
 
 
+class JobRunnerConfig(StageConfig):
+    """The job queue's consumer: each replica runs up to `max_ongoing_requests` jobs at once (its Celery worker
+    threads) and takes a job only when one is free. With `autoscaling`, it scales on the queue's length plus the
+    jobs running (deployments/queue.py QueueAutoscalingPolicy), polled every `queue_poll_interval_s`."""
+    default_num_cpus: ClassVar[float] = 0.5
+
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.5))
+    max_ongoing_requests: int = Field(4, ge=1)
+    queue_poll_interval_s: float = Field(5.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)
+
+
 class PublisherConfig(StageConfig):
     """Writes the images to S3."""
     default_num_cpus: ClassVar[float] = 0.5
@@ -180,6 +192,7 @@ class PublisherConfig(StageConfig):
 
 class Stages(_Model):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    job_runner: JobRunnerConfig = Field(default_factory=JobRunnerConfig)
     text_encoder: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     diffuser: DiffuserConfig = Field(default_factory=DiffuserConfig)
     upscaler: UpscalerConfig = Field(default_factory=UpscalerConfig)

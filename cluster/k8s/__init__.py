@@ -10,13 +10,16 @@
 locally), and a `K8sConfig` (`k8s/cluster.yaml`) for what only Kubernetes needs: image, head and worker groups,
 Secret names and where each model folder comes from (a volume, S3 at pod start, or the image).
 `check()` rejects a pair that cannot work (a GPU stage with no GPU group, min > max, stages that do not fit the
-cluster at its maximum size, paths that only exist on the operator's machine) before anything is rendered.
+cluster at its maximum size, paths that only exist on the operator's machine, a queue that would not reach the
+cluster's Redis) before anything is rendered. The job queue's Redis is a StatefulSet rendered beside the
+RayService (or an external one), and the RayService keeps its GCS there (GCS fault tolerance).
 
 The modules, each importable on its own:
 
     config.py    K8sConfig (k8s/cluster.yaml) and its parts
     checks.py    check(): the config pair against the cluster's node types, before rendering
-    manifests.py render(): the RayService, PodMonitor, dashboards ConfigMap and PrometheusRule as YAML
+    redis.py     the queue's Redis: check_queue, redis_objects (StatefulSet, Service), gcs_fault_tolerance
+    manifests.py render(): the RayService, Redis, PodMonitor, dashboards ConfigMap and PrometheusRule as YAML
     overlay.py   the kustomize overlay: json_patch, apply_json_patch, build, render_overlay
     schemas.py   the vendored CRDs (k8s/schemas/): where each comes from (SOURCES), fetch_schemas
     validate.py  validate_manifests / validate_dir: offline, strict, against the CRDs and Kubernetes' schemas
@@ -29,7 +32,16 @@ Importing it pulls in neither torch nor Ray.
 """
 from __future__ import annotations
 
-from cluster.k8s.checks import CLIENT_PORT, GCS_PORT, NodeType, check, demand, model_source, node_types
+from cluster.k8s.checks import (
+    CLIENT_PORT,
+    GCS_PORT,
+    MODEL_READS,
+    NodeType,
+    check,
+    demand,
+    model_source,
+    node_types,
+)
 from cluster.k8s.cli import add_k8s_commands, cmd_k8s, main
 from cluster.k8s.config import (
     Autoscaler,
@@ -37,6 +49,7 @@ from cluster.k8s.config import (
     ImageSource,
     K8sConfig,
     K8sMonitoring,
+    K8sRedis,
     ModelSource,
     S3Secret,
     S3Source,
@@ -50,7 +63,6 @@ from cluster.k8s.config import (
 from cluster.k8s.errors import FetchError, ManifestError
 from cluster.k8s.manifests import (
     GENERATED,
-    MODEL_READS,
     dashboards_configmap,
     dump_yaml,
     podmonitor,
@@ -59,6 +71,15 @@ from cluster.k8s.manifests import (
     render,
 )
 from cluster.k8s.overlay import apply_json_patch, build, json_patch, render_overlay
+from cluster.k8s.redis import (
+    KUBERAY_REDIS_ENV,
+    REDIS_PORT,
+    check_queue,
+    gcs_fault_tolerance,
+    redis_objects,
+    service_name,
+    service_url,
+)
 from cluster.k8s.schemas import REPO, SOURCES, VENDORED, Source, fetch_schemas, schemas_dir
 from cluster.k8s.validate import (
     CRD_FILES,
@@ -72,12 +93,15 @@ from cluster.k8s.weights import fetch_weights, parse_s3_uri
 
 __all__ = [
     # config.py
-    "Autoscaler", "HeadGroup", "ImageSource", "K8sConfig", "K8sMonitoring", "ModelSource", "S3Secret", "S3Source",
-    "SecretKey", "Secrets", "Toleration", "VolumeSource", "WorkerGroup", "parse_quantity",
+    "Autoscaler", "HeadGroup", "ImageSource", "K8sConfig", "K8sMonitoring", "K8sRedis", "ModelSource", "S3Secret",
+    "S3Source", "SecretKey", "Secrets", "Toleration", "VolumeSource", "WorkerGroup", "parse_quantity",
     # checks.py
-    "CLIENT_PORT", "GCS_PORT", "NodeType", "check", "demand", "model_source", "node_types",
+    "CLIENT_PORT", "GCS_PORT", "MODEL_READS", "NodeType", "check", "demand", "model_source", "node_types",
+    # redis.py
+    "KUBERAY_REDIS_ENV", "REDIS_PORT", "check_queue", "gcs_fault_tolerance", "redis_objects", "service_name",
+    "service_url",
     # manifests.py
-    "GENERATED", "MODEL_READS", "dashboards_configmap", "dump_yaml", "podmonitor", "prometheus_rule", "rayservice",
+    "GENERATED", "dashboards_configmap", "dump_yaml", "podmonitor", "prometheus_rule", "rayservice",
     "render",
     # overlay.py
     "apply_json_patch", "build", "json_patch", "render_overlay",

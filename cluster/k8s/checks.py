@@ -7,8 +7,13 @@ from urllib.parse import urlparse
 
 from cluster.config import DEPLOYMENT_NAMES, ConfigError, ImagineConfig
 from cluster.k8s.config import K8sConfig, ModelSource, parse_quantity
+from cluster.k8s.redis import check_queue
 
 GCS_PORT, CLIENT_PORT = 6379, 10001  # the head's fixed Ray ports
+# The model folders each deployment reads (deployments/*.py): the ingress checks requests against the diffuser's;
+# the job runner, like the publisher, reads none.
+MODEL_READS = {"ingress": ("diffuser",), "job_runner": (), "text_encoder": ("text_encoder",),
+               "diffuser": ("diffuser",), "upscaler": ("upscaler",), "publisher": ()}
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ def check(cfg: ImagineConfig, k8s: K8sConfig) -> dict[str, list[str]]:
     Raises:
         ConfigError: listing each problem with the offending values and how to fix it.
     """
-    problems = _check_in_cluster(cfg, k8s) + _check_models(cfg, k8s)
+    problems = _check_in_cluster(cfg, k8s) + check_queue(cfg, k8s) + _check_models(cfg, k8s)
     hosts = {s: [n.name for n in node_types(k8s) if _fits(demand(cfg, s), n.capacity)] for s in DEPLOYMENT_NAMES}
     problems += [_no_host(cfg, k8s, s) for s, names in hosts.items() if not names]
     if not problems:
@@ -73,6 +78,7 @@ def _check_in_cluster(cfg: ImagineConfig, k8s: K8sConfig) -> list[str]:
     paths = {"model": cfg.model, "cluster.temp_dir": cfg.cluster.temp_dir,
              "storage.credentials_file": cfg.storage.credentials_file,
              "storage.local.data_dir": cfg.storage.local.data_dir, "api.api_keys_file": cfg.api.api_keys_file,
+             "queue.password_file": cfg.queue.password_file, "queue.local.data_dir": cfg.queue.local.data_dir,
              **{f"stages.{s}.model": cfg.stage(s).model for s in DEPLOYMENT_NAMES}}
     relative = [f"{k} ({v})" for k, v in paths.items() if v is not None and not PurePosixPath(v).is_absolute()]
     if relative:
@@ -90,7 +96,7 @@ def _check_in_cluster(cfg: ImagineConfig, k8s: K8sConfig) -> list[str]:
 
 def _check_models(cfg: ImagineConfig, k8s: K8sConfig) -> list[str]:
     out = []
-    for s in DEPLOYMENT_NAMES:
+    for s in sorted({r for stage in DEPLOYMENT_NAMES for r in MODEL_READS[stage]}, key=list(DEPLOYMENT_NAMES).index):
         path = cfg.model_for(s)
         if path is not None and PurePosixPath(path).is_absolute() and model_source(path, k8s) is None:
             out.append(f"stages.{s} loads the model folder {path}, which is under no models[].path of the cluster "

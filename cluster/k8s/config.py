@@ -147,6 +147,24 @@ class SecretKey(_Model):
 class Secrets(_Model):
     s3: S3Secret = Field(default_factory=S3Secret)
     api_keys: SecretKey | None = None  # into the env var `api.api_keys_env` (comma-separated keys)
+    # the queue's Redis password: into the env var `queue.password_env` of every Ray pod, Redis' `requirepass`
+    # (redis.mode statefulset) and the GCS fault tolerance's `redisPassword`
+    redis: SecretKey = Field(default_factory=lambda: SecretKey(name="imagine-redis", key="password"))
+
+
+class K8sRedis(_Model):
+    """The job queue's Redis (and the GCS fault tolerance's): `statefulset` renders one in the cluster (a
+    StatefulSet with a PersistentVolumeClaim, append-only, and a ClusterIP Service `<name>-redis`) that the
+    config's `queue.redis_url` must name; `external` renders nothing and uses `queue.redis_url` as it is."""
+    mode: Literal["statefulset", "external"] = "statefulset"
+    image: str = "redis:7.2"  # any Redis >= 6 whose image has `sh` and `sed` (the official ones do)
+    cpu: Quantity = "500m"  # the pod's CPU (request = limit)
+    memory: Quantity = "1Gi"  # the pod's memory (request = limit); Redis' maxmemory is 70 % of it
+    storage_size: Quantity = "10Gi"  # the PersistentVolumeClaim of its append-only file
+    storage_class: str | None = None  # None = the cluster's default StorageClass
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    gcs_fault_tolerance: bool = True  # KubeRay keeps the GCS in this Redis: a head restart keeps Serve running
 
 
 class Autoscaler(_Model):
@@ -177,6 +195,7 @@ class K8sConfig(_Model):
     worker_groups: list[WorkerGroup] = Field(default_factory=_default_groups)
     autoscaler: Autoscaler = Field(default_factory=Autoscaler)
     secrets: Secrets = Field(default_factory=Secrets)
+    redis: K8sRedis = Field(default_factory=K8sRedis)
     models: list[ModelSource] = Field(default_factory=list)
     monitoring: K8sMonitoring = Field(default_factory=K8sMonitoring)
 

@@ -35,6 +35,7 @@ Unauthorized = _api_error("Unauthorized", 401, "authentication_error", "No valid
 NotFound = _api_error("NotFound", 404, "not_found_error", "No such job.")
 Overloaded = _api_error("Overloaded", 429, "rate_limit_error", "The queue is full; retry after Retry-After.")
 StorageUnavailable = _api_error("StorageUnavailable", 503, "storage_error", "S3 cannot be reached.")
+QueueUnavailable = _api_error("QueueUnavailable", 503, "queue_unavailable", "The job queue (Redis) cannot be reached.")
 GenerationFailed = _api_error("GenerationFailed", 500, "generation_error", "The job failed or was cancelled.")
 TimedOut = _api_error("TimedOut", 504, "timeout_error", "The job ran past its deadline.")
 
@@ -45,6 +46,7 @@ class GenerationBody(RequestOptions):
     prompt: Prompt
     n: NumImages | None = None
     size: str | None = Field(default=None, max_length=32, description='"WxH", e.g. "128x128"; "auto" = the default')
+    priority: Literal["fast", "relax"] | None = Field(default=None, description="queue tier; default: the key's")
     model: str | None = OPENAI_TEXT
     quality: str | None = OPENAI_TEXT
     style: str | None = OPENAI_TEXT
@@ -57,7 +59,8 @@ class GenerationBody(RequestOptions):
     stream: bool | None = None
 
     def to_request(self, default_n: int) -> GenerationRequest:
-        """The pipeline request (prompt flags parsed, size checked). Raises InvalidRequestError."""
+        """The pipeline request (prompt flags parsed, size checked; `priority` is the queue's, not the
+        pipeline's). Raises InvalidRequestError."""
         options = self.model_dump(include=set(RequestOptions.model_fields))
         return request_from_text(self.prompt, size=self.size, n=self.n, default_n=default_n, **options)
 

@@ -162,8 +162,10 @@ def test_serve_config_matches_serve_schema(tmp_path):
     assert "autoscaling" not in app["args"]["config"]["stages"]["diffuser"]
     assert "num_replicas" not in app["args"]["config"]["stages"]["upscaler"]
     deps = {dep["name"]: dep for dep in app["deployments"]}
-    assert list(deps) == ["Ingress", "TextEncoder", "Diffuser", "Upscaler", "Publisher"]
-    assert deps["Ingress"]["max_queued_requests"] == 64 and "user_config" not in deps["Ingress"]
+    assert list(deps) == ["Ingress", "JobRunner", "TextEncoder", "Diffuser", "Upscaler", "Publisher"]
+    assert deps["Ingress"]["max_queued_requests"] == 64
+    assert deps["Ingress"]["user_config"] == {"max_queued_image_steps": 20000, "max_queued_image_steps_per_key": 8000}
+    assert "max_queued_image_steps" not in app["args"]["config"]["queue"]  # in place, not a rebuild
     assert "max_queued_requests" not in deps["Diffuser"] and deps["Publisher"]["user_config"] == {"max_replicas": 1}
     assert "num_replicas" not in deps["Diffuser"]
     assert deps["Diffuser"]["autoscaling_config"] == {
@@ -190,3 +192,27 @@ def test_serve_schema_rejects_what_serve_rejects():
     d["applications"][0]["deployments"][2]["autoscaling_config"] = {"max_replicas": 2}  # beside num_replicas
     with pytest.raises(ConfigError, match="applications.0.deployments.2"):
         validate_serve_config(d)
+
+
+def test_job_runner_autoscales_on_the_queue_without_a_secret_in_the_serve_config(tmp_path):
+    cfg = ImagineConfig.from_dict({"stages": {"job_runner": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}},
+                                   "queue": {"password_file": "secrets/redis"}})
+    d = cfg.serve_config(tmp_path / "imagine.yaml")
+    validate_serve_config(d)
+    [runner] = [x for x in d["applications"][0]["deployments"] if x["name"] == "JobRunner"]
+    policy = runner["autoscaling_config"]["policy"]
+    assert policy["policy_function"] == "deployments.queue:QueueAutoscalingPolicy"
+    assert policy["policy_kwargs"]["password_file"] == str(tmp_path / "secrets" / "redis")  # resolved
+    assert "@" not in policy["policy_kwargs"]["redis_url"]
+    with pytest.raises(ConfigError, match="redis_url must not hold a password"):
+        ImagineConfig.from_dict({"queue": {"redis_url": "redis://:hunter2@10.0.0.1:6379/0"}})
+
+
+def test_api_keys_file_gives_each_key_a_tier(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGINE_API_KEYS", "imk_env")
+    (tmp_path / "keys").write_text("# keys\nimk_a\nimk_b relax\n\nimk_c fast\n")
+    api = ImagineConfig.from_dict({"api": {"api_keys_file": str(tmp_path / "keys")}}).api
+    assert api.load_key_settings() == {"imk_env": None, "imk_a": None, "imk_b": "relax", "imk_c": "fast"}
+    (tmp_path / "keys").write_text("imk_d slow\n")
+    with pytest.raises(ConfigError, match="fast or relax"):
+        api.load_key_settings()

@@ -1,5 +1,6 @@
 """One real Ray cluster (with its dashboard, for declarative deploys), a real SeaweedFS and the
 real application deployed as `imagine apply` does it. No mocks of the system under test."""
+import json
 import os
 import secrets
 from pathlib import Path
@@ -36,11 +37,12 @@ def ray_cluster(ray_temp):
 
 
 @pytest.fixture(scope="session")
-def app_config(tiny_model_dir, s3_server, ray_cluster, tmp_path_factory):
-    """The config of the test application: tiny model, test S3, one API key."""
+def app_config(tiny_model_dir, s3_server, redis_server, ray_cluster, tmp_path_factory):
+    """The config of the test application: tiny model, test S3, test Redis (the job queue), one API key."""
     state = tmp_path_factory.mktemp("imagine-state")
     key = "imk_test_" + secrets.token_hex(8)
-    (state / "api_keys").write_text(key + "\n")
+    (state / "api_keys").write_text(f"{key}\nimk_other_{secrets.token_hex(8)}\n")
+    (state / "redis-password").write_text(redis_server.password)
     (state / "s3.json").write_text(
         f'{{"access_key": "{s3_server.access_key}", "secret_key": "{s3_server.secret_key}"}}')
     cfg = ImagineConfig.from_dict({
@@ -49,7 +51,11 @@ def app_config(tiny_model_dir, s3_server, ray_cluster, tmp_path_factory):
         "storage": {"endpoint_url": s3_server.endpoint_url, "bucket": "imagine-test", "credentials_file":
                     str(state / "s3.json"), "local": {"enabled": False}, "max_attempts": 1,
                     "connect_timeout_s": 2, "read_timeout_s": 10},
-        "api": {"api_keys_file": str(state / "api_keys"), "request_timeout_s": 120, "stall_timeout_s": 15},
+        "api": {"api_keys_file": str(state / "api_keys"), "request_timeout_s": 120},
+        "queue": {"redis_url": redis_server.url, "password_file": str(state / "redis-password"),
+                  "local": {"enabled": False}, "max_queued_image_steps": 100000,
+                  "max_queued_image_steps_per_key": 100000},
+        "jobs": {"lease_s": 3.0, "stall_timeout_s": 10.0, "deadline_s": 240.0},
         "monitoring": {"metrics_export_port": find_free_port(), "prometheus_port": find_free_port()},
         "stages": {"diffuser": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
                    "text_encoder": {"ray_actor_options": {"num_cpus": 0.5}},
@@ -66,6 +72,28 @@ def app(app_config, make_storage):
     cluster = Cluster(cfg, REPO)
     apply(cluster)
     return cluster, cluster.endpoint, key
+
+
+@pytest.fixture(scope="session")
+def other_key(app_config):
+    """A second API key of the test application (fairness between keys)."""
+    cfg, key = app_config
+    [other] = cfg.api.load_api_keys() - {key}
+    return other
+
+
+@pytest.fixture(scope="session")
+def reliability():
+    """reliability(scenario, **figures): the figures of a fault or load scenario (jobs submitted, succeeded,
+    failed, lost, recovery time ...), printed, and written as JSON to $IMAGINE_RELIABILITY_REPORT when set."""
+    rows = []
+
+    def record(scenario: str, **figures) -> None:
+        rows.append({"scenario": scenario, **figures})
+        print(f"\nRELIABILITY {scenario}: {figures}")
+    yield record
+    if os.environ.get("IMAGINE_RELIABILITY_REPORT"):
+        Path(os.environ["IMAGINE_RELIABILITY_REPORT"]).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 @pytest.fixture

@@ -40,9 +40,14 @@ def request(d, steps, seed, guidance=3.0, scheduler="ddim", size=32):
                          torch.zeros(pooled), size, size, steps, guidance, scheduler, seed)
 
 
-async def collect(d, req, log=None, name=None):
+async def collect(d, req, log=None, name=None, heartbeats=None, priority=0):
+    """The progress and image events of one request (its waiting heartbeats go to `heartbeats`)."""
     events = []
-    async for e in d.sample(req):
+    async for e in d.sample(req, priority):
+        if "waiting" in e:
+            if heartbeats is not None:
+                heartbeats.append(e["waiting"])
+            continue
         events.append(e)
         if log is not None:
             log.append((name, "image" if "image" in e else e["progress"]))
@@ -97,11 +102,32 @@ def test_when_empty_join_policy_waits_for_the_batch_to_drain(diffuser):
     assert diffuser.step_sizes == [1, 1, 1, 1, 1, 1]
 
 
+def test_a_waiting_request_sends_heartbeats_with_its_place_in_line(diffuser, monkeypatch):
+    import deployments.diffuser as module
+    monkeypatch.setattr(module, "WAITING_EVERY_S", 0.0)  # a heartbeat after every step
+    configure(diffuser, max_batch_size=1)
+
+    async def run():
+        beats_b, beats_c = [], []
+        a = asyncio.ensure_future(collect(diffuser, request(diffuser, 8, 1)))
+        await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(collect(diffuser, request(diffuser, 2, 2), heartbeats=beats_b))
+        await asyncio.sleep(0)
+        c = asyncio.ensure_future(collect(diffuser, request(diffuser, 2, 3), heartbeats=beats_c, priority=-1))
+        await asyncio.gather(a, b, c)
+        return beats_b, beats_c
+
+    beats_b, beats_c = asyncio.run(run())
+    assert beats_b[0] == 0 and 1 in beats_b   # first in line, then behind c, which has the better priority
+    assert beats_c and set(beats_c) == {0} and len(beats_b) >= 4
+
+
 def test_cancelled_request_leaves_at_the_next_step(diffuser):
     configure(diffuser, max_batch_size=1)
 
     async def run():
         gen = diffuser.sample(request(diffuser, 40, 1))
+        assert "waiting" in await gen.__anext__()  # the replica has it
         await gen.__anext__()
         await gen.__anext__()
         waiting = asyncio.ensure_future(collect(diffuser, request(diffuser, 2, 2)))  # no slot yet

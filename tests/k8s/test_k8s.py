@@ -3,47 +3,19 @@
 Offline: KubeRay v1.7.0 and prometheus-operator v0.93.0 CRDs vendored in k8s/schemas/ (checked against their
 pinned sha256; $IMAGINE_K8S_SCHEMAS overrides), built-in kinds with kubernetes-validate, the
 Serve config with Ray's ServeDeploySchema, worker groups as Ray's own KubeRay autoscaler reads them.
+test_checks.py: configs rejected before rendering; test_redis.py: the queue's Redis and GCS fault tolerance.
 """
 import copy
 import json
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import yaml
 
 from cluster import k8s
-from cluster.config import ConfigError, ImagineConfig, validate_serve_config
+from cluster.config import ImagineConfig, validate_serve_config
 from cluster.launcher import Cluster
-
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "k8s"
-PROD, SMALL = K8S / "examples" / "production", K8S / "overlays" / "small"
-CONFIGS = {"production": (K8S / "imagine-prod.yaml", K8S / "cluster.yaml"),
-           "small": (K8S / "imagine-small.yaml", K8S / "cluster-small.yaml")}
-RENDER = "imagine k8s render k8s/imagine-prod.yaml --k8s k8s/cluster.yaml --out k8s/examples/production"
-
-
-@pytest.fixture(scope="module")
-def schemas() -> Path:
-    return k8s.schemas_dir()  # the vendored k8s/schemas/ unless IMAGINE_K8S_SCHEMAS says otherwise
-
-
-def load(name: str) -> tuple[ImagineConfig, k8s.K8sConfig]:
-    cfg_path, k8s_path = CONFIGS[name]
-    return ImagineConfig.load(cfg_path), k8s.K8sConfig.load(k8s_path)
-
-
-def docs_of(files: dict[str, str]) -> dict[str, dict]:
-    """{kind: object} of rendered files (each kind appears once in our sets)."""
-    return {d["kind"]: d for name, text in files.items() if name != "kustomization.yaml"
-            for d in yaml.safe_load_all(text)}
-
-
-def rendered(name: str, monitoring: Path | None = None) -> dict[str, dict]:
-    cfg, cluster = load(name)
-    return docs_of(k8s.render(cfg, cluster, monitoring))
-
+from tests.k8s.conftest import CONFIGS, K8S, PROD, RENDER, ROOT, SMALL, docs_of, load, rendered
 
 # ---- the committed examples ---------------------------------------------------------------------------
 
@@ -220,98 +192,12 @@ def test_json_patch_round_trips_and_escapes_slashes():
     assert k8s.json_patch({"n": 1}, {"n": 1.0}) == [{"op": "replace", "path": "/n", "value": 1.0}]
 
 
-# ---- rejected before rendering -------------------------------------------------------------------------
-
-def _variant(name: str = "production", cfg: dict | None = None, cluster: dict | None = None):
-    """The example configs with parts replaced (dicts are merged one level into each section)."""
-    c, kc = load(name)
-    cd, kd = c.model_dump(), kc.model_dump()
-    for base, upd in ((cd, cfg or {}), (kd, cluster or {})):
-        for key, value in upd.items():
-            base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return ImagineConfig.from_dict(cd), k8s.K8sConfig.model_validate(kd)
-
-
-def _stage(name: str, **opts) -> dict:
-    c, _ = load("production")
-    d = c.stage(name).model_dump()
-    d["ray_actor_options"] = {**d["ray_actor_options"], **opts}
-    return {name: d}
-
-
-def _group(**changes) -> list[dict]:
-    _, kc = load("production")
-    return [{**kc.worker_groups[0].model_dump(), **changes}]
-
-
-@pytest.mark.parametrize("cfg_update, cluster_update, message", [
-    ({}, {"worker_groups": _group(gpus=0)},
-     "stages.text_encoder.ray_actor_options.num_gpus is 0.125, but no worker group has GPUs (worker groups: "
-     "gpu-l4 (gpus 0)); add a group with gpus >= 1"),
-    ({"stages": _stage("diffuser", resources={"accelerator_h100": 1})}, {},
-     "stages.diffuser.ray_actor_options.resources needs accelerator_h100 (1), but no group provides it"),
-    ({"stages": _stage("diffuser", num_cpus=16)}, {},
-     "stages.diffuser: one replica needs {CPU: 16, GPU: 0.75}, but no node is that large"),
-    ({"stages": {"diffuser": {**_stage("diffuser")["diffuser"],
-                              "autoscaling": {"min_replicas": 1, "max_replicas": 5}}}}, {},
-     "no room for diffuser replica 5 of 5 {CPU: 2, GPU: 0.75}"),
-    ({"stages": {"upscaler": {**_stage("upscaler")["upscaler"], "model": "/opt/esrgan"}}}, {},
-     "stages.upscaler loads the model folder /opt/esrgan, which is under no models[].path"),
-    ({"api": {"auth": "required"}}, {"secrets": {"api_keys": None}},
-     "api.auth is 'required' but no keys reach the pods"),
-], ids=["gpu-stage-without-gpu-group", "missing-custom-resource", "replica-larger-than-any-node",
-        "max-replicas-exceed-cluster", "model-without-source", "auth-without-keys"])
-def test_broken_configs_are_rejected_with_the_values(cfg_update, cluster_update, message):
-    cfg, cluster = _variant("production", cfg_update, cluster_update)
-    with pytest.raises(ConfigError, match="cannot render Kubernetes manifests") as e:
-        k8s.render(cfg, cluster)
-    assert message in str(e.value)
-
-
-def test_the_local_config_is_rejected_listing_every_problem():
-    with pytest.raises(ConfigError) as e:
-        k8s.check(ImagineConfig(), load("production")[1])
-    msg = str(e.value)
-    for part in ("cluster.http_host is '127.0.0.1'", "storage.local.enabled is true",
-                 "storage.endpoint_url (http://127.0.0.1:8333) points at the pod itself",
-                 "cluster.temp_dir (.imagine/ray)", "storage.credentials_file (.imagine/s3-credentials.json)",
-                 "api.api_keys_file (.imagine/api_keys)"):
-        assert part in msg
-
-
-@pytest.mark.parametrize("text, message", [
-    ("worker_groups:\n  - {name: gpu, gpus: 1, min_replicas: 5, max_replicas: 2, replicas: 2}\n",
-     "worker group 'gpu': min_replicas (5) must be <= max_replicas (2)"),
-    ("worker_groups:\n  - {name: gpu, gpus: 1, min_replicas: 1, max_replicas: 2, replicas: 3}\n",
-     "replicas (3) must be within min_replicas (1) and max_replicas (2)"),
-    ("worker_group: []\n", "worker_group: unknown key"),
-    ("models:\n  - {path: /models/a, volume: {claim_name: x}, s3: {uri: 's3://bkt/a'}}\n",
-     "set exactly one of volume, s3, image"),
-    ("models:\n  - {path: /models/a, s3: {uri: 'https://bkt/a'}}\n", "is not an S3 URI"),
-    ("head: {cpu: '2', num_cpus: 4}\n", "num_cpus (4) must be <= the pod's cpu (2)"),
-    ("head: {memory: 16GB}\n", "'16GB' is not a Kubernetes quantity"),
-])
-def test_broken_cluster_configs_are_rejected(tmp_path, text, message):
-    path = tmp_path / "cluster.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=f"invalid cluster config in {path}") as e:
-        k8s.K8sConfig.load(path)
-    assert message in str(e.value)
-
-
-def test_cli_rejects_before_writing(tmp_path, capsys):
-    bad = tmp_path / "cluster.yaml"
-    bad.write_text(CONFIGS["production"][1].read_text().replace("gpus: 1", "gpus: 0"))
-    out = tmp_path / "out"
-    assert k8s.main(["render", str(CONFIGS["production"][0]), "--k8s", str(bad), "--out", str(out)]) == 2
-    assert "no worker group has GPUs" in capsys.readouterr().err and not out.exists()
-
-
 # ---- secrets, monitoring, schemas, image ----------------------------------------------------------------
 
 def test_secrets_are_referenced_never_inlined(tmp_path, monkeypatch):
     sentinels = {"IMAGINE_S3_ACCESS_KEY": "AKIA-SENTINEL-7f3a", "IMAGINE_S3_SECRET_KEY": "secret-SENTINEL-91c2",
-                 "IMAGINE_API_KEYS": "imk_SENTINEL_55e0"}
+                 "IMAGINE_API_KEYS": "imk_SENTINEL_55e0", "IMAGINE_REDIS_PASSWORD": "redis-SENTINEL-c0de",
+                 "REDISCLI_AUTH": "redis-SENTINEL-c0de"}
     for k, v in sentinels.items():
         monkeypatch.setenv(k, v)
     for name, (cfg_path, k8s_path) in CONFIGS.items():
@@ -329,6 +215,10 @@ def test_secrets_are_referenced_never_inlined(tmp_path, monkeypatch):
         assert all("value" not in e for e in env.values())
         for var, key in (("IMAGINE_S3_ACCESS_KEY", "access-key"), ("IMAGINE_S3_SECRET_KEY", "secret-key")):
             assert env[var]["valueFrom"] == {"secretKeyRef": {"name": "imagine-s3", "key": key}}
+    for c in [c for p in pods for c in p["containers"]]:  # the Ray containers: replicas and the Serve controller
+        env = {e["name"]: e for e in c["env"]}
+        assert env["IMAGINE_REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "imagine-redis",
+                                                                               "key": "password"}}
 
 
 def test_dashboards_and_alert_rules_render_when_monitoring_has_them(tmp_path, schemas):
@@ -343,7 +233,7 @@ def test_dashboards_and_alert_rules_render_when_monitoring_has_them(tmp_path, sc
     cfg, cluster = load("production")
     files = k8s.render(cfg, cluster, tmp_path)
     assert yaml.safe_load(files["kustomization.yaml"])["resources"] == [
-        "rayservice.yaml", "podmonitor.yaml", "grafana-dashboards.yaml", "prometheusrule.yaml"]
+        "rayservice.yaml", "redis.yaml", "podmonitor.yaml", "grafana-dashboards.yaml", "prometheusrule.yaml"]
     docs = docs_of(files)
     k8s.validate_manifests(list(docs.values()), schemas)  # ConfigMap by kubernetes-validate, rule by its CRD
     cm = docs["ConfigMap"]

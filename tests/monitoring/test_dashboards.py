@@ -166,6 +166,29 @@ def test_every_query_filters_on_the_variables(stem):
         assert all(r == "$__rate_interval" for r in re.findall(r"\[([^\]]*)\]", expr)), f"{stem}/{title}: {expr}"
 
 
+# gauges of the job queue that every JobRunner replica exports with the same queue-wide value
+QUEUE_WIDE = ("imagine_queue_depth", "imagine_queue_oldest_seconds", "imagine_jobs")
+
+
+def maxed_over_replicas(expr: str, name: str) -> bool:
+    """Every selector of `name` in `expr` is the direct argument of a `max` (never summed over replicas)."""
+    selectors = re.findall(rf"(?<![\w:]){name}\{{", expr)
+    maxed = re.findall(rf"\bmax(?:\s+by\s*\([^)]*\))?\s*\(\s*{name}\{{", expr)
+    return len(selectors) == len(maxed)
+
+
+def test_queue_wide_gauges_are_maxed_not_summed():
+    assert maxed_over_replicas('sum(max by (cluster, application) (imagine_jobs{a="b"}))', "imagine_jobs")
+    assert not maxed_over_replicas('sum by (state) (imagine_jobs{a="b"})', "imagine_jobs")
+    assert maxed_over_replicas('sum(imagine_jobs_finished_total{a="b"})', "imagine_jobs")
+    seen = set()
+    for stem, title, expr in all_queries():
+        for name in set(QUEUE_WIDE) & metric_names(expr):
+            seen.add(name)
+            assert maxed_over_replicas(expr, name), f"{stem}/{title}: {name} must be max'ed over replicas: {expr}"
+    assert seen == set(QUEUE_WIDE)
+
+
 def test_the_dashboards_cover_the_catalogue():
     used = {n for _, _, expr in all_queries() for n in metric_names(expr)}
     used = {next((n[:-len(s)] for s in HISTOGRAM_SUFFIXES if n.endswith(s) and n[:-len(s)] in METRICS), n)
@@ -177,10 +200,10 @@ def test_the_dashboards_cover_the_catalogue():
 
 # ---- every query on a real Prometheus --------------------------------------------------------------------
 
-STAGES = ("TextEncoder", "Diffuser", "Upscaler", "Publisher", "Ingress")
+STAGES = ("TextEncoder", "Diffuser", "Upscaler", "Publisher", "Ingress", "JobRunner")
 LABEL_VALUES = {"reason": ("timeout", "storage"), "outcome": ("ok", "error"), "handler": ("/v1/jobs",),
-                "method": ("POST",), "code": ("202", "422", "503"), "state": ("queued", "running", "succeeded",
-                                                                               "failed"), "device": ("cpu",)}
+                "method": ("POST",), "code": ("202", "422", "503"), "device": ("cpu",),
+                "state": ("queued", "running", "succeeded", "failed"), "priority": ("fast", "relax")}
 SERVE_GAUGES = ("ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries",
                 "ray_serve_replica_processing_queries", "ray_serve_num_ongoing_requests_at_replicas")
 BUCKETS = (("0.1", 0.2), ("1", 0.7), ("10", 0.95), ("+Inf", 1.0))  # (le, cumulative share)
@@ -266,6 +289,19 @@ def test_every_query_returns_finite_data_on_prometheus(prometheus_api):
         assert body["status"] == "success" and result, f"{stem}/{title}: no data for {expr}"
         values = [float(s["value"][1]) for s in result]
         assert all(math.isfinite(v) for v in values), f"{stem}/{title}: {values} from {expr}"
+
+
+def test_queue_wide_gauges_count_the_queue_once(prometheus_api):
+    """Every replica of the synthetic cluster reports each gauge at 2: the queue panels show 2, not 2 x replicas."""
+    url, at = prometheus_api
+    queries = {title: expr for stem, title, expr in all_queries()
+               if any(n in QUEUE_WIDE for n in metric_names(expr))}
+    assert {"Jobs queued", "Queue depth by priority", "Oldest waiting job", "Jobs by state"} <= set(queries)
+    for title, expr in queries.items():
+        q = urllib.parse.urlencode({"query": grafana_expand(expr), "time": at})
+        with urllib.request.urlopen(f"{url}?{q}", timeout=10) as r:
+            result = json.load(r)["data"]["result"]
+        assert result and {float(s["value"][1]) for s in result} == {2.0}, (title, expr, result)
 
 
 # ---- (d) the export command --------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def alert_rules() -> list[dict]:
 
 EXPECTED_ALERTS = {"ImagineHighErrorRatio", "ImagineStageLatencyHigh", "ImagineQueueGrowingAtMaxReplicas",
                    "ImagineNoImagesPublished", "ImagineStorageWriteFailures", "ImagineStageNoHealthyReplicas",
-                   "ImagineJobFailureRatio"}
+                   "ImagineJobFailureRatio", "ImagineQueueOldJobs", "ImagineJobsDeadLettered"}
 
 
 def test_every_alert_has_for_severity_and_annotations():
@@ -188,3 +188,18 @@ def test_every_metric_in_the_rules_is_exported():
             if "reason" in labels:
                 assert set(labels["reason"].split("|")) <= set(ERROR_REASONS), (r["alert"], labels)
     assert "imagine_images_published_total" in used and "ray_serve_deployment_replica_healthy" in used
+
+
+QUEUE_WIDE = ("imagine_queue_depth", "imagine_queue_oldest_seconds", "imagine_jobs")  # same on every JobRunner
+
+
+def test_queue_wide_gauges_are_maxed_not_summed():
+    """The job queue's gauges are reported alike by every JobRunner replica: a rule takes their max, never sum."""
+    seen = set()
+    for r in alert_rules():
+        for name in QUEUE_WIDE:
+            uses = re.findall(rf"(?<![\w:]){name}(?![\w:])", r["expr"])
+            maxed = re.findall(rf"\bmax(?:\s+by\s*\([^)]*\))?\s*\(\s*{name}(?![\w:])", r["expr"])
+            assert len(uses) == len(maxed), f"{r['alert']}: {name} must be max'ed over the replicas: {r['expr']}"
+            seen |= {name} if uses else set()
+    assert "imagine_queue_oldest_seconds" in seen

@@ -1,0 +1,100 @@
+"""The JobRunner deployment: the job queue's consumer. It takes a job only when a worker thread is free, runs
+it through the stages (deployments/runner.py) and acknowledges its message only once the job has an outcome.
+
+Ray Serve's task consumer runs Celery worker threads in the replica (`max_ongoing_requests` of them); each
+handler call bridges onto the replica's event loop, where the stage calls, the heartbeats and the deadline
+live. Per delivery (deployments/queue.py sends the messages, cluster/jobqueue.py keeps the leases):
+
+1. the record in S3 says the job ended: the delivery was a duplicate (flush an outcome S3 missed, then ack);
+2. a cancel was asked for while it waited: record it, ack;
+3. claim the job (attempts + 1); a live lease of another runner means a duplicate delivery: ack, it runs there;
+4. more attempts than `jobs.max_attempts`: the job fails with `retries_exhausted` and goes to the dead letters;
+5. run it, renewing the lease (and checking for a cancel) every `lease_s / 3`; record the outcome.
+
+A runner that dies leaves its lease to expire: every runner's watchdog re-enqueues such jobs (`expired()`
+hands each to exactly one of them), and the job runs again from the start: same seeds, same images, the
+same S3 keys overwritten. Celery's own redelivery of the dead runner's message (after the visibility timeout)
+then finds the job ended or running elsewhere. A storage error while recording an outcome is raised to
+Celery, which retries the message later (the outcome waits in Redis, so the job is not run again).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+from ray import serve
+from ray.serve.task_consumer import task_consumer, task_handler
+
+from cluster.jobs import JobStore
+from cluster.storage import Storage
+
+from . import errors
+from . import metrics as m
+from .calls import StageHandles
+from .common import parse_config
+from .queue import TASK_NAME, enqueue, producer, task_processor_config
+from .runner import JobRunner
+
+logger = logging.getLogger(__name__)
+
+
+class JobRunnerBase:
+    def __init__(self, config: dict, text_encoder, diffuser, upscaler, publisher):
+        self.cfg = parse_config(config)
+        self.loop = asyncio.get_running_loop()
+        self.queue = self.cfg.queue.job_queue()
+        self.store = JobStore(Storage.from_config(self.cfg.storage))
+        self.producer = producer(self.cfg)
+        self.owner = f"{serve.get_replica_context().replica_tag}-{secrets.token_hex(3)}"
+        self.runner = JobRunner(StageHandles(text_encoder, diffuser, upscaler, publisher), self.store, self.queue,
+                                self.cfg)
+        self.metrics_task = self.loop.create_task(self.runner.export_queue_metrics())
+        self.watchdog = self.loop.create_task(self._redeliver_expired())
+
+    @task_handler(name=TASK_NAME)
+    def run_job(self, job_id: str) -> str:
+        """Celery's worker thread: run the job on the replica's event loop and wait for its outcome.
+
+        While Redis is away nothing is raised to Celery: its retry would need the broker to requeue the
+        message, and a retry that cannot be sent makes Celery drop the message. The delivery waits for Redis
+        instead (up to jobs.deadline_s) and is handled again from the start (the protocol is idempotent)."""
+        waited_since = None
+        while True:
+            try:
+                return asyncio.run_coroutine_threadsafe(self.runner.handle(job_id, self.owner), self.loop).result()
+            except Exception as e:
+                if not errors.is_broker_error(e):
+                    raise
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > self.cfg.jobs.deadline_s:
+                    raise
+                logger.warning("job %s: the queue's Redis is away (%s); waiting for it", job_id, e)
+                time.sleep(1.0)
+
+    async def _redeliver_expired(self) -> None:
+        """Re-enqueue the jobs whose runner stopped renewing its lease (it died), ahead of new work."""
+        every_s = self.cfg.jobs.lease_s / 3
+        while True:
+            try:
+                for job_id in await asyncio.to_thread(self.queue.expired):
+                    logger.warning("job %s: its runner's lease expired; redelivering it", job_id)
+                    await asyncio.to_thread(enqueue, self.producer, job_id, 0)
+                    m.inc("imagine_jobs_redelivered_total")
+            except Exception as e:  # Redis away: try again at the next tick
+                logger.warning("lease check failed: %s", e)
+            await asyncio.sleep(every_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        m.set_gauge("imagine_stage_replicas_max", user_config["max_replicas"])
+
+    def ready(self) -> bool:
+        return True
+
+
+def job_runner_deployment(cfg):
+    """The JobRunner deployment for this config (Ray's task consumer needs its queue settings up front)."""
+    consumer = task_consumer(task_processor_config=task_processor_config(cfg))(JobRunnerBase)
+    return serve.deployment(name="JobRunner")(consumer)
+
