@@ -8,7 +8,7 @@ APT    := SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); apt_install() { \
             { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive \
               apt-get install -y -q --no-install-recommends "$$@"; }; }
 
-.PHONY: install demo test test-slow clean services prometheus redis
+.PHONY: install demo test test-slow soak clean services prometheus redis chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 # the servers the service and the tests run besides the venv's own (SeaweedFS comes from PyPI)
-services: prometheus redis
+services: prometheus redis chromium
 
 demo: install services
 	$(BIN)/imagine demo
@@ -30,6 +30,11 @@ test: install services
 # the longer fault, multi-node and soak variants (run before a release; not in CI's budget)
 test-slow: install services
 	$(BIN)/python -m pytest -m slow
+
+# a bounded soak (10 min at 80 % of the measured peak, loopback only): job outcomes, p99 drift, memory slopes;
+# results in bench/results/<date>-<machine>-soak.{json,md}
+soak: install services
+	$(BIN)/python -m bench.soak
 
 # prometheus + promtool (Debian's package, ~25 s) when promtool is missing: `imagine up` runs a local Prometheus
 # and the tests check the alert rules with promtool. Without systemd no daemon starts; with systemd the package
@@ -43,6 +48,12 @@ prometheus:
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { $(APT); apt_install redis-server; }
 	@redis-server --version | head -1
+
+# chromium (Debian's package): the browser the gallery's test drives through Playwright (the pip package only;
+# never `playwright install`, which downloads browsers). Headless, launched with executable_path=/usr/bin/chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(APT); apt_install chromium; }
+	@chromium --version 2>/dev/null | head -1
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -61,7 +61,7 @@ def local_cluster(work: Path, model: str | None):
     from ray import serve
 
     from cluster.config import DEPLOYMENT_NAMES
-    from cluster.launcher import ray_temp_dir
+    from cluster.raynode import ray_temp_dir
     from cluster.redis_server import LocalRedis
     from cluster.seaweed import LocalS3Server, find_free_port, pick_s3_port
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Start a Ray head, SeaweedFS (local S3) and the Serve application; "
                                     "return once /healthz answers; print endpoint, API key and S3 details.")
     up.add_argument("config", nargs="?", default=None, help=cfg_help)
+    up.add_argument("--nodes", type=int, default=None, metavar="N",
+                    help="local experiments: N Ray nodes, each in its own network namespace (needs root; "
+                         "cluster/multinode.py); `imagine down` removes them")
     for name, helptext in (("down", "stop the application, Ray and the local S3 server"),
                            ("env", "print shell `export` lines for the endpoint, API key and S3 (use: "
                                    'eval "$(imagine env)"; then `aws s3 ls`, boto3 or the openai SDK work)'),
@@ -230,7 +233,11 @@ def cmd_up(args) -> int:
     from cluster import launcher
     c = Cluster.load(args.config)
     print("starting Ray, the local S3 server and the application (first start: about a minute)...")
-    info = launcher.up(c)
+    if getattr(args, "nodes", None):
+        from cluster import multinode
+        info = multinode.up(c, args.nodes)
+    else:
+        info = launcher.up(c)
     print(f"""ready in {info['seconds']}s
   endpoint   {info['endpoint']}   (OpenAI-compatible: {info['endpoint']}/v1)
   api key    {info['api_key'] or '(auth disabled)'}
@@ -241,6 +248,8 @@ def cmd_up(args) -> int:
   dashboard  {info['dashboard']}
   prometheus {_prometheus_line(c, info['prometheus'])}
 stop with `imagine down`""")
+    for ns, node in info.get("nodes", {}).items():
+        print(f"  node {ns}: {node['address']}  resources {node['resources']}")
     return 0
 
 
@@ -279,8 +288,12 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from cluster import launcher
-    launcher.down(Cluster.load(args.config))
+    from cluster import launcher, multinode
+    c = Cluster.load(args.config)
+    if multinode.is_running(c):
+        multinode.down(c)
+    else:
+        launcher.down(c)
     print("stopped")
     return 0
 

@@ -140,6 +140,9 @@ class JobQueue:
     def _run(self, name: str, *args):
         return self._scripts[name](keys=[], args=[self.p, *args])
 
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
     # ---- admission and the line ---------------------------------------------------------------------
     def admit(self, job_id: str, key_id: str, tier: str, cost: int) -> Admission:
         ok, a, b = self._run("admit", job_id, key_id, tier, cost, self.max_queued_cost,

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import requests
 
 from cluster.config import DEPLOYMENT_NAMES, ImagineConfig, render_serve_config_yaml
+from cluster.raynode import ensure_token, local_env, ray_temp_dir, start_local_head, stop_node
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = "imagine.yaml"
@@ -37,7 +37,8 @@ class Cluster:
         if path is None and Path(DEFAULT_CONFIG).is_file():
             path = DEFAULT_CONFIG
         base = Path(path).resolve().parent if path else Path.cwd()
-        return cls(ImagineConfig.load(path).resolve_paths(base), base)
+        from cluster.multinode import attach  # this folder's `imagine up --nodes N` cluster, when one runs
+        return attach(cls(ImagineConfig.load(path).resolve_paths(base), base))
 
     @property
     def state_dir(self) -> Path:
@@ -52,8 +53,36 @@ class Cluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.cfg.cluster.dashboard_port}"
 
-    def env(self) -> dict:
-        return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    @property
+    def ray_token(self) -> Path:
+        """The local Ray cluster's token (cluster/raynode.py); `imagine up` writes it."""
+        return self.state_dir / "ray-token"
+
+    def talk_to_ray(self) -> None:
+        """Let this process's Ray SDK calls (the dashboard's REST API) carry the cluster's token: this
+        config's token file, or the one the environment names (`eval "$(imagine env)"` exports it).
+
+        Raises:
+            SystemExit: the dashboard wants a token and there is none to give, saying where to find it.
+        """
+        if self.cfg.cluster.ray_address is not None:
+            return
+        if os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN"):
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            return
+        if self.ray_token.is_file():
+            os.environ.update({k: v for k, v in local_env(self.ray_token).items()
+                               if k.startswith("RAY_AUTH") or k == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"})
+            return
+        try:
+            wants_token = requests.get(f"{self.dashboard}/api/version", timeout=2).status_code == 401
+        except requests.RequestException:
+            return
+        if wants_token:
+            raise SystemExit(f"the Ray cluster at {self.dashboard} wants its token and there is none at "
+                             f"{self.ray_token}: run imagine from the folder of the config that started it, or "
+                             "export RAY_AUTH_TOKEN_PATH (`imagine env` there prints it)")
+
 
 
 def _bin(name: str) -> str:
@@ -131,78 +160,42 @@ def start_s3(c: Cluster, key: str, secret: str) -> str:
     return s.endpoint_url
 
 
-# Ray puts Unix sockets under <temp>/session_<date>_<time>_<pid>/sockets/, the longest being
-# "dash_MetricsHead"; Linux caps a socket path at 107 bytes, beyond which the dashboard dies with
-# "Module MetricsHead failed to start". The session part takes about 72 bytes (76 where Ray adds
-# "/ray" to a RAY_TMPDIR).
-_RAY_SOCKET_SUFFIX = len("/ray/session_2026-11-25_17-51-20_770971_1234567/sockets/dash_MetricsHead")
-_UNIX_PATH_MAX = 107
-
-
-def ray_temp_dir(path: str | os.PathLike) -> Path:
-    """A temp dir for Ray that keeps its data at `path` (in the work area) but whose socket paths
-    fit the Unix limit: a deep `path` is reached through a short symlink in the system temp dir."""
-    path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    if len(str(path)) + _RAY_SOCKET_SUFFIX <= _UNIX_PATH_MAX:
-        return path
-    import hashlib
-    import tempfile
-    link = Path(tempfile.gettempdir()) / f"imagine-ray-{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
-    if link.is_symlink() and Path(os.readlink(link)) != path:
-        link.unlink()
-    if not link.is_symlink():
-        link.symlink_to(path, target_is_directory=True)
-    if len(str(link)) + _RAY_SOCKET_SUFFIX > _UNIX_PATH_MAX:
-        raise SystemExit(f"cannot place Ray's sockets for temp dir {path}: set TMPDIR to a short path")
-    return link
-
-
 def start_ray(c: Cluster) -> None:
-    """A Ray head with token auth off and its temp dir in the work area (idempotent)."""
+    """A one-node Ray head on loopback with its temp dir in the work area (idempotent; cluster/raynode.py)."""
     if _ray_running(c):
         return
     asked = sum(c.cfg.stage(n).ray_actor_options.num_cpus for n in DEPLOYMENT_NAMES)
     cpus = max(os.cpu_count() or 1, int(asked + 1))
-    temp = ray_temp_dir(c.cfg.cluster.temp_dir)
-    cmd = [_bin("ray"), "start", "--head", "--port", "0", "--temp-dir", str(temp),
-           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-           "--dashboard-port", str(c.cfg.cluster.dashboard_port), "--num-cpus", str(cpus),
-           "--metrics-export-port", str(c.cfg.monitoring.metrics_export_port), "--disable-usage-stats"]
-    out = subprocess.run(cmd, env=c.env(), capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        raise SystemExit(f"ray start failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    start_local_head(_bin("ray"), ray_temp_dir(c.cfg.cluster.temp_dir), c.cfg.cluster.dashboard_port,
+                     c.cfg.monitoring.metrics_export_port, cpus, ensure_token(c.ray_token))
+    c.talk_to_ray()
     _wait(lambda: _ray_running(c), 120, "Ray dashboard")
 
 
 def _ray_running(c: Cluster) -> bool:
+    """True when a Ray dashboard answers on the config's port (a 401 is one that wants the token)."""
     try:
-        return requests.get(f"{c.dashboard}/api/version", timeout=2).ok
+        return requests.get(f"{c.dashboard}/api/version", timeout=2).status_code in (200, 401)
     except requests.RequestException:
         return False
 
 
 def apply(c: Cluster, wait_s: float = 600) -> dict:
-    """Deploy the config's Serve application (in place when it already runs) and wait for it."""
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    """Deploy the config's Serve application, in place when it already runs, after a preflight where the
+    replicas run, rolling back if the rollout fails (cluster/rollout.py); wait until /healthz answers.
+
+    Raises:
+        RolloutRefused: the config was refused or rolled back (the message says why); the service runs on.
+    """
+    c.talk_to_ray()
+    from cluster.rollout import apply_config
     serve_config = c.cfg.serve_config()
     (c.state_dir).mkdir(parents=True, exist_ok=True)
     (c.state_dir / "serve-config.yaml").write_text(render_serve_config_yaml(c.cfg))
-    ServeSubmissionClient(c.dashboard).deploy_applications(serve_config)
-    _wait(lambda: app_status(c) in ("RUNNING",), wait_s, "the application", fail=lambda: app_status(c) in (
-        "DEPLOY_FAILED", "UNHEALTHY"))
+    apply_config(c.dashboard, serve_config["applications"][0], serve_config["http_options"], wait_s,
+                 preflight_config=c.cfg.model_dump(mode="json"))
     _wait(lambda: _healthy(c), 120, "/healthz")
     return status(c)
-
-
-def app_status(c: Cluster) -> str | None:
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-    try:
-        apps = ServeSubmissionClient(c.dashboard).get_serve_details().get("applications", {})
-    except Exception:
-        return None
-    app = apps.get(c.cfg.cluster.app_name)
-    return app.get("status") if app else None
 
 
 def _healthy(c: Cluster) -> bool:
@@ -266,7 +259,9 @@ def environment(c: Cluster) -> dict[str, str]:
     env |= {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret.get_secret_value(),
             "AWS_DEFAULT_REGION": s.region, "IMAGINE_S3_BUCKET": s.bucket,
             s.access_key_env: access, s.secret_key_env: secret.get_secret_value(),
-            "IMAGINE_REDIS_URL": c.cfg.queue.redis_url}
+            "IMAGINE_REDIS_URL": c.cfg.queue.redis_url, "RAY_ADDRESS": c.dashboard}
+    if c.cfg.cluster.ray_address is None and c.ray_token.is_file():  # for `ray`, `serve` and other folders
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(c.ray_token)}
     if (password := c.cfg.queue.password()) is not None:
         env[c.cfg.queue.password_env] = password
     return env
@@ -307,6 +302,7 @@ def prometheus_url(c: Cluster) -> str | None:
 # ---- status / down ----------------------------------------------------------------------------
 def status(c: Cluster) -> dict:
     """Each deployment's status and replicas (from Serve), plus /healthz."""
+    c.talk_to_ray()
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     if not _ray_running(c):
         return {"ray": "down"}
@@ -355,16 +351,20 @@ def serve_load(c: Cluster) -> dict[str, dict]:
 
 
 def down(c: Cluster) -> None:
+    """Stop what `up` started, and only that: this config's application, its own Ray node (found by its temp
+    dir; any other Ray on the machine survives), its SeaweedFS, Redis and Prometheus (by pid file and argv)."""
+    c.talk_to_ray()
     from cluster.prometheus import LocalPrometheus
     from cluster.redis_server import LocalRedis
     from cluster.seaweed import LocalS3Server
     if _ray_running(c):
         try:
-            from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-            ServeSubmissionClient(c.dashboard).delete_applications()
+            from cluster.rollout import delete_application
+            delete_application(c.dashboard, c.cfg.cluster.app_name)
         except Exception as e:
             logger.warning("could not delete the Serve application: %s", e)
-    subprocess.run([_bin("ray"), "stop", "--force"], env=c.env(), capture_output=True, timeout=120)
+    if c.cfg.cluster.ray_address is None:  # our own head, not a cluster we joined
+        stop_node(ray_temp_dir(c.cfg.cluster.temp_dir))
     if c.cfg.storage.local.enabled:
         LocalS3Server.stop_from_pidfile(Path(c.cfg.storage.local.data_dir))
     if c.cfg.queue.local.enabled:

@@ -1,6 +1,8 @@
 """A local Redis, the job queue's broker: Debian's `redis-server`, on 127.0.0.1 only, with a password.
 
 `imagine up` starts one (`make redis`, or `apt-get install -y redis-server`); the tests start one on a free port.
+`host` binds it to another single address instead of 127.0.0.1 (the bridge of a cluster/netns.py lab, which Ray
+nodes in namespaces reach).
 
     server = LocalRedis(Path(".imagine/redis"), port=6390, password="...")
     server.start()                   # returns once an authenticated PING answers (~0.1 s)
@@ -49,13 +51,14 @@ def url_with_password(url: str, password: str | None) -> str:
 
 
 class LocalRedis(LocalProcess):
-    """One redis-server on 127.0.0.1:port with its data in `data_dir`.
+    """One redis-server on host:port with its data in `data_dir`.
 
     Args:
         data_dir: where its config, log, pid file and append-only files live (created if missing).
         port: the TCP port.
         password: what clients must send (`requirepass`).
         redis_bin: the binary (default: `redis-server` on PATH).
+        host: the one address it binds (default 127.0.0.1).
     """
 
     name = "Redis"
@@ -68,18 +71,19 @@ class LocalRedis(LocalProcess):
     ready_poll_s = 0.05
     log = logger
 
-    def __init__(self, data_dir: Path, port: int, password: str, redis_bin: str | None = None):
+    def __init__(self, data_dir: Path, port: int, password: str, redis_bin: str | None = None,
+                 host: str = "127.0.0.1"):
         super().__init__(data_dir)
-        self.port, self.password, self._bin = port, password, redis_bin
+        self.port, self.password, self._bin, self.host = port, password, redis_bin, host
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def client(self, **kwargs):
         """A redis-py client for this server (authenticated)."""
         import redis
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
+        return redis.Redis(host=self.host, port=self.port, password=self.password, **kwargs)
 
     def start(self, timeout_s: float = 20) -> None:
         """Write redis.conf and start the server; return once an authenticated PING answers.
@@ -93,7 +97,7 @@ class LocalRedis(LocalProcess):
             raise RedisError(f"redis-server is not installed: {INSTALL_HINT}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._refuse_if_running()
-        if not port_is_free(self.port):
+        if not port_is_free(self.port, self.host):
             raise RedisError(f"port {self.port} is in use; choose another (queue.local.port in the config)")
         self._write_config()
         self._launch([binary, str(self.config_file)], timeout_s)
@@ -110,7 +114,8 @@ class LocalRedis(LocalProcess):
         if "port" not in settings:
             raise RedisError(f"redis-server (pid {pid}) on {data_dir} has no port in {CONFIG_FILE}; "
                              f"stop it by hand: kill {pid}")
-        return cls(data_dir, int(settings["port"]), settings.get("requirepass", ""), redis_bin=argv[0])
+        return cls(data_dir, int(settings["port"]), settings.get("requirepass", ""), redis_bin=argv[0],
+                   host=settings.get("bind", "127.0.0.1").split()[0])
 
     def _ready(self) -> bool:
         import redis
@@ -122,7 +127,7 @@ class LocalRedis(LocalProcess):
     # -- helpers --
 
     def _write_config(self) -> None:
-        lines = [f"port {self.port}", "bind 127.0.0.1", "protected-mode yes", f'requirepass "{self.password}"',
+        lines = [f"port {self.port}", f"bind {self.host}", "protected-mode yes", f'requirepass "{self.password}"',
                  f"dir {self.data_dir}", "appendonly yes", "appendfsync everysec", 'save ""', "daemonize no",
                  "set-proc-title no", 'logfile ""', "loglevel notice"]
         fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

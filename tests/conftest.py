@@ -1,6 +1,9 @@
 """Shared fixtures: small random-init models written by the tests in the real formats."""
+import json
 import logging
+import os
 import secrets
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +77,17 @@ def redis_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def reliability():
+    """reliability(scenario, **figures): the figures of a fault or load scenario (jobs submitted, succeeded,
+    failed, lost, recovery times ...), printed as `RELIABILITY <scenario>: {...}` and appended as JSON to
+    $IMAGINE_RELIABILITY_REPORT when it is set (the README's Reliability table comes from such a file)."""
+    def record(scenario: str, **figures) -> None:
+        print(f"\nRELIABILITY {scenario}: {figures}")
+        if path := os.environ.get("IMAGINE_RELIABILITY_REPORT"):
+            path = Path(path)
+            rows = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else []
+            path.write_text(json.dumps([*rows, {"scenario": scenario, **figures}], indent=1) + "\n")
+    return record

@@ -51,8 +51,8 @@ __all__ = [
     "DEPLOYMENT_NAMES", "IMPORT_PATH", "STAGES", "ActorOptions", "ApiConfig", "Autoscaling", "ClusterConfig",
     "ConfigError", "DiffuserConfig", "ImagineConfig", "IngressConfig", "JobRunnerConfig", "JobsConfig", "Limits",
     "LocalBroker", "LocalS3", "MonitoringConfig", "PublisherConfig", "QUEUE_POLICY", "QueueConfig", "StageConfig",
-    "Stages", "StorageConfig", "TextEncoderConfig", "UpscalerConfig", "render_serve_config_yaml",
-    "validate_serve_config",
+    "Stages", "StorageConfig", "TextEncoderConfig", "UpscalerConfig",
+    "render_serve_config_yaml", "validate_serve_config",
 ]
 
 

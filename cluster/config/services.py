@@ -1,4 +1,5 @@
-"""The service's sections: S3 storage, the HTTP API, request limits, the Ray cluster, monitoring."""
+"""The service's sections: S3 storage, the HTTP API, request limits, the Ray cluster, monitoring, the job queue,
+jobs and their webhooks."""
 from __future__ import annotations
 
 import json
@@ -87,7 +88,11 @@ class ApiConfig(_Model):
     # one key per line, optionally followed by its priority tier ("imk_... relax"); `imagine up` writes one
     api_keys_file: str | None = ".imagine/api_keys"
     api_keys_env: str = "IMAGINE_API_KEYS"  # comma-separated keys, added to the file's
-    auth: Literal["auto", "required", "disabled"] = "auto"  # auto = required when any key is configured
+    # auto and required: every request but /healthz and /readyz needs a key, and with no key configured every
+    # such request is refused (fail closed); disabled: no keys at all (only for a server nobody else can reach)
+    auth: Literal["auto", "required", "disabled"] = "auto"
+    public_docs: bool = False  # /docs and /openapi.json without a key
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
     request_timeout_s: float = Field(900.0, gt=0)  # how long POST /v1/images/generations waits for its job
     max_queued_requests: int = 64  # Serve's max_queued_requests on the ingress (429 when full); -1 = unlimited
 
@@ -122,9 +127,9 @@ class ApiConfig(_Model):
                 keys[words[0]] = tier
         return keys
 
-    def auth_enabled(self, keys: set[str]) -> bool:
-        """Whether requests must carry a key, given the configured `keys`."""
-        return self.auth == "required" or (self.auth == "auto" and bool(keys))
+    def auth_enabled(self) -> bool:
+        """Whether requests must carry a key (always, unless auth is disabled: no keys means no access)."""
+        return self.auth != "disabled"
 
 
 class Limits(_Model):
@@ -225,3 +230,8 @@ class JobsConfig(_Model):
     lease_s: float = Field(10.0, gt=0)  # a runner renews its jobs' leases every lease_s / 3; expired = redelivered
     stage_retries: int = Field(2, ge=0)  # calls of a stage whose replica died, retried inside the job
     stall_timeout_s: float = Field(30.0, gt=0)  # a stage stream silent this long (not even a heartbeat) = dead
+
+
+# an allowed_hosts entry that is not an address or network: a host name, "*.suffix" (any name ending so) or "*"
+HOST_PATTERN = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*)$")
+LOOPBACK_HOSTS = ("127.0.0.0/8", "::1", "localhost")

@@ -12,14 +12,17 @@ Secret names and where each model folder comes from (a volume, S3 at pod start, 
 `check()` rejects a pair that cannot work (a GPU stage with no GPU group, min > max, stages that do not fit the
 cluster at its maximum size, paths that only exist on the operator's machine, a queue that would not reach the
 cluster's Redis) before anything is rendered. The job queue's Redis is a StatefulSet rendered beside the
-RayService (or an external one), and the RayService keeps its GCS there (GCS fault tolerance).
+RayService (or an external one), and the RayService keeps its GCS there (GCS fault tolerance). NetworkPolicies
+leave only the Serve port open to the rest of the cluster.
 
 The modules, each importable on its own:
 
     config.py    K8sConfig (k8s/cluster.yaml) and its parts
     checks.py    check(): the config pair against the cluster's node types, before rendering
     redis.py     the queue's Redis: check_queue, redis_objects (StatefulSet, Service), gcs_fault_tolerance
-    manifests.py render(): the RayService, Redis, PodMonitor, dashboards ConfigMap and PrometheusRule as YAML
+    network.py   network_policies: from outside the RayService's pods only the Serve port (NetworkPolicies)
+    manifests.py render(): the RayService, Redis, NetworkPolicies, PodMonitor, dashboards ConfigMap and
+                 PrometheusRule as YAML
     overlay.py   the kustomize overlay: json_patch, apply_json_patch, build, render_overlay
     schemas.py   the vendored CRDs (k8s/schemas/): where each comes from (SOURCES), fetch_schemas
     validate.py  validate_manifests / validate_dir: offline, strict, against the CRDs and Kubernetes' schemas
@@ -49,6 +52,7 @@ from cluster.k8s.config import (
     ImageSource,
     K8sConfig,
     K8sMonitoring,
+    K8sNetworkPolicy,
     K8sRedis,
     ModelSource,
     S3Secret,
@@ -70,6 +74,7 @@ from cluster.k8s.manifests import (
     rayservice,
     render,
 )
+from cluster.k8s.network import app_labels, network_policies
 from cluster.k8s.overlay import apply_json_patch, build, json_patch, render_overlay
 from cluster.k8s.redis import (
     KUBERAY_REDIS_ENV,
@@ -77,6 +82,7 @@ from cluster.k8s.redis import (
     check_queue,
     gcs_fault_tolerance,
     redis_objects,
+    redis_selector,
     service_name,
     service_url,
 )
@@ -93,13 +99,16 @@ from cluster.k8s.weights import fetch_weights, parse_s3_uri
 
 __all__ = [
     # config.py
-    "Autoscaler", "HeadGroup", "ImageSource", "K8sConfig", "K8sMonitoring", "K8sRedis", "ModelSource", "S3Secret",
+    "Autoscaler", "HeadGroup", "ImageSource", "K8sConfig", "K8sMonitoring", "K8sNetworkPolicy", "K8sRedis",
+    "ModelSource", "S3Secret",
     "S3Source", "SecretKey", "Secrets", "Toleration", "VolumeSource", "WorkerGroup", "parse_quantity",
     # checks.py
     "CLIENT_PORT", "GCS_PORT", "MODEL_READS", "NodeType", "check", "demand", "model_source", "node_types",
     # redis.py
-    "KUBERAY_REDIS_ENV", "REDIS_PORT", "check_queue", "gcs_fault_tolerance", "redis_objects", "service_name",
-    "service_url",
+    "KUBERAY_REDIS_ENV", "REDIS_PORT", "check_queue", "gcs_fault_tolerance", "redis_objects", "redis_selector",
+    "service_name", "service_url",
+    # network.py
+    "app_labels", "network_policies",
     # manifests.py
     "GENERATED", "dashboards_configmap", "dump_yaml", "podmonitor", "prometheus_rule", "rayservice",
     "render",

@@ -65,6 +65,10 @@ class HeadGroup(_Group):
     cpu: Quantity = "4"  # the pod's CPU (request = limit)
     memory: Quantity = "16Gi"
     num_cpus: int = Field(0, ge=0)  # Ray CPUs for replicas on the head; 0 = none (KubeRay's advice for production)
+    # Ray's client port (10001) as a container port of the head and a port of its Service; off: Serve needs none,
+    # and whoever reaches the client server runs code in the cluster. Either way only the RayService's own pods
+    # (and `kubectl port-forward`) get through the NetworkPolicy to it.
+    ray_client: bool = False
 
     @model_validator(mode="after")
     def _room(self) -> "HeadGroup":
@@ -177,6 +181,35 @@ class K8sMonitoring(_Model):
     labels: dict[str, str] = Field(default_factory=dict)  # matched by Prometheus' podMonitorSelector/ruleSelector
     dashboard_labels: dict[str, str] = Field(default_factory=lambda: {"grafana_dashboard": "1"})  # Grafana's sidecar
     scrape_interval_s: int = Field(15, ge=1)
+    # the Prometheus that scrapes the pods: the NetworkPolicy admits it to the metrics port
+    prometheus_namespace: str = "monitoring"
+    prometheus_pod_labels: dict[str, str] = Field(  # prometheus-operator's Prometheus pods carry this label
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"})
+
+    @field_validator("prometheus_namespace")
+    @classmethod
+    def _namespace_name(cls, v: str) -> str:
+        return _namespace(v)
+
+
+class K8sNetworkPolicy(_Model):
+    """The NetworkPolicies (cluster/k8s/network.py): from outside the RayService's pods, only the Serve port, plus
+    the dashboard port for the KubeRay operator and the metrics port for Prometheus; Redis only from the Ray pods."""
+    enabled: bool = True
+    kuberay_namespace: str = "default"  # where the KubeRay operator runs (`helm install ... -n <it>`)
+    kuberay_pod_labels: dict[str, str] = Field(  # the kuberay-operator Helm chart's pod label
+        default_factory=lambda: {"app.kubernetes.io/name": "kuberay-operator"})
+
+    @field_validator("kuberay_namespace")
+    @classmethod
+    def _namespace_name(cls, v: str) -> str:
+        return _namespace(v)
+
+
+def _namespace(v: str) -> str:
+    if not _DNS_LABEL.match(v):
+        raise ValueError(f"{v!r} is not a namespace name (lowercase letters, digits and '-', at most 63 characters)")
+    return v
 
 
 def _default_groups() -> list[WorkerGroup]:
@@ -198,6 +231,7 @@ class K8sConfig(_Model):
     redis: K8sRedis = Field(default_factory=K8sRedis)
     models: list[ModelSource] = Field(default_factory=list)
     monitoring: K8sMonitoring = Field(default_factory=K8sMonitoring)
+    network_policy: K8sNetworkPolicy = Field(default_factory=K8sNetworkPolicy)
 
     @field_validator("name", "namespace")
     @classmethod

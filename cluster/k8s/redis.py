@@ -41,6 +41,11 @@ def service_url(k8s: K8sConfig, db: str = "0") -> str:
     return f"redis://{service_name(k8s)}.{k8s.namespace}.svc:{REDIS_PORT}/{db}"
 
 
+def redis_selector(k8s: K8sConfig) -> dict[str, str]:
+    """The labels that select the in-cluster Redis' pod (its Service and its NetworkPolicy)."""
+    return {"app.kubernetes.io/name": "redis", "app.kubernetes.io/instance": k8s.name}
+
+
 def _service_hosts(k8s: K8sConfig) -> set[str]:
     svc, ns = service_name(k8s), k8s.namespace
     return {svc, f"{svc}.{ns}", f"{svc}.{ns}.svc", f"{svc}.{ns}.svc.cluster.local"}
@@ -98,7 +103,7 @@ def redis_objects(k8s: K8sConfig) -> list[dict]:
     """The in-cluster Redis: a one-replica StatefulSet (append-only file on a PersistentVolumeClaim that outlives
     it, `requirepass` from the Secret, no eviction) and the ClusterIP Service `<name>-redis`."""
     r, secret, name = k8s.redis, k8s.secrets.redis, service_name(k8s)
-    select = {"app.kubernetes.io/name": "redis", "app.kubernetes.io/instance": k8s.name}
+    select = redis_selector(k8s)
     labels = {**select, "app.kubernetes.io/component": "queue", "app.kubernetes.io/part-of": "imagine"}
     args = ["--port", str(REDIS_PORT), "--dir", "/data", "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "''", "--maxmemory", str(int(parse_quantity(r.memory) * MAXMEMORY_FRACTION)),

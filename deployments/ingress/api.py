@@ -8,18 +8,16 @@
 
 import asyncio
 import base64
-import hashlib
 import json
 import logging
-import secrets
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.config import STAGES
 from cluster.jobs import JobNotFound, JobRecord, JobStore, check_job_id, new_job_id
 from cluster.storage import Storage, StorageError
 from pipeline.request import InvalidRequestError, check_limits
@@ -30,6 +28,9 @@ from .. import metrics as m
 from ..calls import StageHandles
 from ..common import parse_config
 from ..queue import enqueue
+from . import guard
+from .guard import CountRequests, Guard, error_response, key_id
+from .health import HealthCache
 from .protocol import (
     APIError,
     GenerationBody,
@@ -40,53 +41,29 @@ from .protocol import (
     QueueUnavailable,
     StorageUnavailable,
     TimedOut,
-    Unauthorized,
 )
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="imagine", description="Text-to-image on Ray Serve (OpenAI Images API compatible).")
 SIZE_FIELDS = {"width": "size", "height": "size"}  # the pipeline's fields -> what the client sent
+RETRY = {"Retry-After": "5"}
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
-
-
-def _handler(scope) -> str:
-    """The route template the router matched (bounded label values: never the job id itself)."""
-    return getattr(scope.get("route"), "path", None) or "unmatched"
-
-
-class _CountRequests:
-    """ASGI middleware: imagine_http_requests_total by route template, method and status (SSE-safe)."""
-
-    def __init__(self, asgi_app):
-        self.app = asgi_app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = [500]
-
-        async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            m.inc("imagine_http_requests_total", handler=_handler(scope), method=scope["method"], code=str(status[0]))
-
-
-app.add_middleware(_CountRequests)
+app.add_middleware(Guard)           # inner: authentication and body size, before the body is read
+app.add_middleware(CountRequests)   # outer: every answer counted, 401 and 413 too
 
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, e: APIError):
     return error_response(e.status_code, e.message, e.type, e.param, e.code, e.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    """FastAPI's own errors (a body it cannot parse, an unknown route or method) in our one error shape."""
+    types = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
+    return error_response(e.status_code, str(e.detail), types.get(e.status_code, "invalid_request_error"),
+                          headers=getattr(e, "headers", None))
 
 
 @app.exception_handler(InvalidRequestError)
@@ -104,13 +81,8 @@ async def _validation(request: Request, e: RequestValidationError):
     return error_response(422, f"{param}: {msg}", "invalid_request_error", param)
 
 
-def key_id(token: str) -> str:
-    """A stable, non-reversible id of an API key (for fairness and a key's history; the key is never stored)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:16]
-
-
-# (helpers stand above the class: Serve ships the @serve.ingress class by value, and names defined after it
-# were missing in the replicas)
+# (helpers stand above the class, or in other modules: Serve ships the @serve.ingress class by value, and
+# module names defined after it were missing in the replicas)
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -126,9 +98,16 @@ class Ingress:
         self.store = JobStore(Storage.from_config(self.cfg.storage))
         self.queue = self.cfg.queue.job_queue()
         self.producer = producer(self.cfg)
-        self.key_tiers = self.cfg.api.load_key_settings()
-        self.keys = set(self.key_tiers)
-        self.auth = self.cfg.api.auth_enabled(self.keys)
+        tiers = self.cfg.api.load_key_settings()
+        self.key_tiers = {key_id(k.encode()): tier for k, tier in tiers.items()}
+        self.auth = self.cfg.api.auth_enabled()
+        # through the module: Serve ships this class by value, with copies of the globals its methods name
+        settings = guard.SETTINGS
+        settings.auth, settings.keys = self.auth, [k.encode() for k in tiers]
+        settings.keys_hint = self.cfg.api.api_keys_file or f"${self.cfg.api.api_keys_env}"
+        settings.public_docs, settings.max_body_bytes = self.cfg.api.public_docs, self.cfg.api.max_body_bytes
+        self.health = HealthCache(serve.get_replica_context().app_name, self.queue, self.store.storage)
+        self._health_task = asyncio.get_event_loop().create_task(self.health.run())
 
     def reconfigure(self, user_config: dict) -> None:
         """The queue's admission limits, changed in place by `imagine apply`."""
@@ -138,21 +117,22 @@ class Ingress:
     # ---- routes -------------------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz(self):
-        status = {}
-        for name in STAGES:
-            try:
-                ready = await asyncio.wait_for(getattr(self.stages, name).ready.remote(), 5)
-                status[name] = "ready" if ready else "not ready"
-            except Exception as e:
-                status[name] = f"unavailable: {type(e).__name__}"
-        ok = all(v == "ready" for v in status.values())
-        return JSONResponse(status_code=200 if ok else 503,
-                            content={"status": "ok" if ok else "degraded", "stages": status,
+        """Each stage's health from the cache (never waits on a stage; no key needed)."""
+        h = self.health
+        return JSONResponse(status_code=200 if h.healthy else 503, headers=None if h.healthy else RETRY,
+                            content={"status": "ok" if h.healthy else "degraded", **h.snapshot(),
                                      "model": self.info.spec.name, "auth": self.auth})
+
+    @app.get("/readyz")
+    async def readyz(self):
+        """Whether a new job can be accepted now: healthy stages, and the queue's Redis and S3 answer."""
+        h = self.health
+        return JSONResponse(status_code=200 if h.ready else 503, headers=None if h.ready else RETRY,
+                            content={"ready": h.ready, **h.snapshot()})
 
     @app.post("/v1/images/generations")
     async def images_generations(self, body: OpenAIImagesBody, request: Request):
-        record = await self._wait(await self._submit(body, self._check_auth(request), default_n=1))
+        record = await self._wait(await self._submit(body, request.state.key_id, default_n=1))
         if record.state != "succeeded":
             raise self._job_error(record)
         data = []
@@ -167,19 +147,17 @@ class Ingress:
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(self, body: GenerationBody, request: Request):
-        record = await self._submit(body, self._check_auth(request), default_n=4)
+        record = await self._submit(body, request.state.key_id, default_n=4)
         return await self._public(record)
 
     @app.get("/v1/jobs/{job_id}")
-    async def get_job(self, job_id: str, request: Request):
-        self._check_auth(request)
+    async def get_job(self, job_id: str):
         return await self._public(await self._get_record(job_id))
 
     @app.delete("/v1/jobs/{job_id}")
-    async def cancel_job(self, job_id: str, request: Request):
+    async def cancel_job(self, job_id: str):
         """A queued job is cancelled now; a running one at its runner's next lease check and the Diffuser's
         next step (the record says cancelled at once)."""
-        self._check_auth(request)
         record = await self._get_record(job_id)
         if not record.is_terminal():
             record = await self._storage_call(self.store.cancel, job_id)
@@ -190,8 +168,7 @@ class Ingress:
         return await self._public(record)
 
     @app.get("/v1/jobs/{job_id}/events")
-    async def job_events(self, job_id: str, request: Request):
-        self._check_auth(request)
+    async def job_events(self, job_id: str):
         await self._get_record(job_id)  # 404 before the stream starts
         return StreamingResponse(self._events(job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -307,8 +284,7 @@ class Ingress:
         except JobNotFound:
             raise
         except StorageError as e:
-            raise StorageUnavailable(f"storage unavailable: {e}", code="storage_error",
-                                     headers={"Retry-After": "5"}) from e
+            raise StorageUnavailable(f"storage unavailable: {e}", code="storage_error", headers=RETRY) from e
 
     async def _redis(self, fn, *args, required: bool = False):
         """A queue call; when Redis cannot be reached: 503 with Retry-After if `required`, else None."""
@@ -320,24 +296,14 @@ class Ingress:
             logger.warning("queue broker unavailable: %s", e)
             if required:
                 raise QueueUnavailable("the job queue is unavailable; retry later", code="queue_unavailable",
-                                       headers={"Retry-After": "5"}) from e
+                                       headers=RETRY) from e
             return None
-
-    def _check_auth(self, request: Request) -> str:
-        """The caller's key id (a hash, never the key); 401 without a valid key when auth is on."""
-        if not self.auth:
-            return "anonymous"
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not token or not any(secrets.compare_digest(token, k) for k in self.keys):
-            raise Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')",
-                               code="invalid_api_key")
-        return key_id(token)
 
     @staticmethod
     def _job_error(record: JobRecord) -> APIError:
         if record.state == "cancelled":
             return GenerationFailed(f"job {record.id} was cancelled", code="cancelled")
         cls = {"timeout": TimedOut, "storage_error": StorageUnavailable}.get(record.error_type or "", GenerationFailed)
-        return cls(f"job {record.id} failed: {record.error}", code=record.error_type)
+        return cls(f"job {record.id} failed: {record.error}", code=record.error_type,
+                   headers=RETRY if cls is StorageUnavailable else None)
 

@@ -140,7 +140,8 @@ def test_api_keys_from_env_and_file(monkeypatch, tmp_path):
     assert api.load_api_keys(tmp_path) == {"key-a", "key-b", "key-c", "key-d"}
     monkeypatch.delenv("IMAGINE_API_KEYS")
     assert api.load_api_keys(tmp_path / "nowhere") == set()
-    assert api.auth_enabled({"key-a"}) and not api.auth_enabled(set())
+    assert api.auth_enabled()  # with or without keys: no keys means no access (fail closed)
+    assert not ImagineConfig.from_dict({"api": {"auth": "disabled"}}).api.auth_enabled()
 
 
 def test_serve_config_matches_serve_schema(tmp_path):

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from cluster.launcher import _RAY_SOCKET_SUFFIX, _UNIX_PATH_MAX, ray_temp_dir
+from cluster.raynode import _RAY_SOCKET_SUFFIX, _UNIX_PATH_MAX, ray_temp_dir
 
 
 def test_short_temp_dir_is_used_as_is(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 from pydantic import SecretStr
 
 from cluster.seaweed import (
+    KEY_FILE,
+    SECURITY_FILE,
     LocalS3Server,
     all_ports,
     derived_ports,
@@ -187,8 +189,12 @@ def test_stop_from_pidfile_stops_a_server_another_process_started(tmp_path):
 
 
 def test_restart_keeps_data(s3_server, storage):
-    """Stops and restarts the session's server on the same data dir (~5 s); keep this test last."""
+    """Stops and restarts the session's server on the same data dir (~5 s); keep this test last. Each start writes
+    new JWT keys and gRPC certificates (cluster/seaweed.py); the data does not depend on them."""
     storage.put_bytes("restart/k", b"kept")
+    secrets_before = [(s3_server.data_dir / f).read_bytes() for f in (SECURITY_FILE, KEY_FILE)]
     assert s3_server.stop() is True and not s3_server.is_running()
     s3_server.start()
     assert storage.get_bytes("restart/k") == b"kept"
+    secrets_after = [(s3_server.data_dir / f).read_bytes() for f in (SECURITY_FILE, KEY_FILE)]
+    assert all(a != b for a, b in zip(secrets_before, secrets_after))

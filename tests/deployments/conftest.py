@@ -1,6 +1,5 @@
 """One real Ray cluster (with its dashboard, for declarative deploys), a real SeaweedFS and the
 real application deployed as `imagine apply` does it. No mocks of the system under test."""
-import json
 import os
 import secrets
 from pathlib import Path
@@ -8,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ImagineConfig
-from cluster.launcher import Cluster, apply, ray_temp_dir
+from cluster.launcher import Cluster, apply
+from cluster.raynode import local_env, ray_temp_dir
 from cluster.seaweed import find_free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def ray_temp():
 @pytest.fixture(scope="session")
 def ray_cluster(ray_temp):
     import ray
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.update(local_env())  # one node on loopback (cluster/raynode.py); a tests-only Ray: no token
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach Prometheus within ~2 s
     dashboard_port = find_free_port()
@@ -65,11 +65,11 @@ def app_config(tiny_model_dir, s3_server, redis_server, ray_cluster, tmp_path_fa
 
 
 @pytest.fixture(scope="session")
-def app(app_config, make_storage):
+def app(app_config, make_storage, tmp_path_factory):
     """The deployed application: (cluster, base url, api key)."""
     cfg, key = app_config
     make_storage("imagine-test").ensure_bucket()
-    cluster = Cluster(cfg, REPO)
+    cluster = Cluster(cfg, tmp_path_factory.mktemp("imagine-base"))  # (its .imagine/: the rendered serve config)
     apply(cluster)
     return cluster, cluster.endpoint, key
 
@@ -80,20 +80,6 @@ def other_key(app_config):
     cfg, key = app_config
     [other] = cfg.api.load_api_keys() - {key}
     return other
-
-
-@pytest.fixture(scope="session")
-def reliability():
-    """reliability(scenario, **figures): the figures of a fault or load scenario (jobs submitted, succeeded,
-    failed, lost, recovery time ...), printed, and written as JSON to $IMAGINE_RELIABILITY_REPORT when set."""
-    rows = []
-
-    def record(scenario: str, **figures) -> None:
-        rows.append({"scenario": scenario, **figures})
-        print(f"\nRELIABILITY {scenario}: {figures}")
-    yield record
-    if os.environ.get("IMAGINE_RELIABILITY_REPORT"):
-        Path(os.environ["IMAGINE_RELIABILITY_REPORT"]).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 @pytest.fixture

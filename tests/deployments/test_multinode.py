@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cluster.launcher import ray_temp_dir
+from cluster.raynode import ray_temp_dir
 from cluster.seaweed import find_free_port
 from tests.deployments.conftest import REPO
 

@@ -25,16 +25,20 @@ def load(name: str) -> tuple[ImagineConfig, k8s.K8sConfig]:
     return ImagineConfig.load(cfg_path), k8s.K8sConfig.load(k8s_path)
 
 
+def by_kind(docs: list[dict]) -> dict[str, dict]:
+    """{kind: object}: each kind appears once in our sets, but for the NetworkPolicies ("NetworkPolicy/<name>")."""
+    return {f"{d['kind']}/{d['metadata']['name']}" if d["kind"] == "NetworkPolicy" else d["kind"]: d for d in docs}
+
+
 def docs_of(files: dict[str, str]) -> dict[str, dict]:
-    """{kind: object} of rendered files (each kind appears once in our sets)."""
-    return {d["kind"]: d for name, text in files.items() if name != "kustomization.yaml"
-            for d in yaml.safe_load_all(text)}
+    """{kind: object} of rendered files (by_kind)."""
+    return by_kind([d for name, text in files.items() if name != "kustomization.yaml"
+                    for d in yaml.safe_load_all(text)])
 
 
 def rendered(name: str, monitoring: Path | None = None) -> dict[str, dict]:
     cfg, cluster = load(name)
     return docs_of(k8s.render(cfg, cluster, monitoring))
-
 
 
 def variant(name: str = "production", cfg: dict | None = None, cluster: dict | None = None):

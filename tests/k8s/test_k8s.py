@@ -15,7 +15,7 @@ import yaml
 from cluster import k8s
 from cluster.config import ImagineConfig, validate_serve_config
 from cluster.launcher import Cluster
-from tests.k8s.conftest import CONFIGS, K8S, PROD, RENDER, ROOT, SMALL, docs_of, load, rendered
+from tests.k8s.conftest import CONFIGS, K8S, PROD, RENDER, ROOT, SMALL, by_kind, docs_of, load, rendered
 
 # ---- the committed examples ---------------------------------------------------------------------------
 
@@ -142,7 +142,7 @@ def test_overlay_patches_the_production_set_into_the_small_one(schemas):
         assert (f"{t['group']}/{t['version']}", t["kind"], t["name"]) in base, f"patch target {t} not in the base"
         ops = yaml.safe_load((SMALL / patch["path"]).read_text())
         assert ops and all(op["op"] in ("add", "replace", "remove") for op in ops)
-    built = {d["kind"]: d for d in k8s.build(SMALL)}
+    built = by_kind(k8s.build(SMALL))
     assert built == rendered("small", ROOT / "monitoring")  # patched production == small rendered directly
     k8s.validate_manifests(list(built.values()), schemas)
     rc = built["RayService"]["spec"]["rayClusterConfig"]
@@ -233,7 +233,8 @@ def test_dashboards_and_alert_rules_render_when_monitoring_has_them(tmp_path, sc
     cfg, cluster = load("production")
     files = k8s.render(cfg, cluster, tmp_path)
     assert yaml.safe_load(files["kustomization.yaml"])["resources"] == [
-        "rayservice.yaml", "redis.yaml", "podmonitor.yaml", "grafana-dashboards.yaml", "prometheusrule.yaml"]
+        "rayservice.yaml", "redis.yaml", "networkpolicy.yaml", "podmonitor.yaml", "grafana-dashboards.yaml",
+        "prometheusrule.yaml"]
     docs = docs_of(files)
     k8s.validate_manifests(list(docs.values()), schemas)  # ConfigMap by kubernetes-validate, rule by its CRD
     cm = docs["ConfigMap"]
