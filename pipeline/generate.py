@@ -98,13 +98,29 @@ def generate(requests: Iterable[GenerationRequest | dict], pipeline: Pipeline | 
 
 
 # ---- helpers ------------------------------------------------------------------------------
-def make_sample_requests(req: ResolvedRequest, emb: PromptEmbeds) -> list[SampleRequest]:
-    """The sampler's requests for `req`, given the embeddings of [prompt, negative_prompt]."""
+def make_sample_requests(req: ResolvedRequest, emb: PromptEmbeds, init_image: torch.Tensor | None = None
+                         ) -> list[SampleRequest]:
+    """The sampler's requests for `req`, given the embeddings of [prompt, negative_prompt] (and, for image-to-
+    image, the (3, sample_height, sample_width) image its samples start from, at `req.strength`)."""
     return [SampleRequest(
         prompt_embeds=emb.prompt_embeds[0], negative_prompt_embeds=emb.prompt_embeds[1],
         pooled=emb.pooled[0], negative_pooled=emb.pooled[1],
         height=req.sample_height, width=req.sample_width, num_inference_steps=req.steps,
-        guidance_scale=req.guidance_scale, scheduler=req.scheduler, seed=seed) for seed in req.seeds()]
+        guidance_scale=req.guidance_scale, scheduler=req.scheduler, seed=seed, init_image=init_image,
+        strength=req.strength if init_image is not None else 1.0) for seed in req.seeds()]
+
+
+def image_tensor(png: bytes, width: int, height: int) -> torch.Tensor:
+    """A stored image as (3, height, width) in [0, 1], resized with area averaging (for image-to-image)."""
+    import io
+
+    import torch.nn.functional as F
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width, 3)
+    x = x.permute(2, 0, 1).float()[None] / 255
+    if (img.width, img.height) != (width, height):
+        x = F.interpolate(x, size=(height, width), mode="area" if img.width >= width else "bicubic")
+    return x[0].clamp(0, 1)
 
 
 def parse_request(r: GenerationRequest | dict) -> GenerationRequest:

@@ -103,6 +103,9 @@ class ResolvedRequest(BaseModel):
     seed: int
     upscale: int
     best_of: int
+    init_key: str | None = None  # image-to-image: the stored image (S3 key) the samples start from
+    strength: float = 1.0        # with init_key: the part of the schedule that runs (SDEdit)
+    upscale_only: int | None = None  # an upscale job: this factor on init_key's image, no sampling
 
     @property
     def num_candidates(self) -> int:
@@ -110,8 +113,11 @@ class ResolvedRequest(BaseModel):
 
     @property
     def cost(self) -> int:
-        """The work of this request in image-steps (one denoising step of one image): n x best_of x steps."""
-        return self.num_candidates * self.steps
+        """The work of this request in image-steps (one denoising step of one image): n x best_of x the steps
+        that run (an upscale job counts as one step of one image)."""
+        if self.upscale_only:
+            return 1
+        return self.num_candidates * max(1, round(self.steps * self.strength))
 
     def seeds(self) -> list[int]:
         return [(self.seed + i) % 2**32 for i in range(self.num_candidates)]

@@ -114,6 +114,8 @@ class SampleRequest:
     guidance_scale: float
     scheduler: str
     seed: int
+    init_image: torch.Tensor | None = None  # (3, height, width) in [0, 1]: image-to-image (SDEdit) from it
+    strength: float = 1.0                  # how much of the schedule runs from init_image (1.0: all, from noise)
 
 
 @dataclass
@@ -186,7 +188,11 @@ class Sampler:
         return scheduler
 
     def start(self, requests: list[SampleRequest]) -> list[SampleState]:
-        """Draw each request's initial noise from its own seed; no UNet call yet."""
+        """Draw each request's initial noise from its own seed; no UNet call yet.
+
+        With an `init_image` (SDEdit, Meng et al. 2022): the image is encoded (the VAE posterior's mean:
+        deterministic), noised to the timestep where the last `strength` of the schedule begins, and only those
+        steps run (at least one)."""
         states = []
         for r in requests:
             if r.height % self.size_multiple or r.width % self.size_multiple:
@@ -195,9 +201,36 @@ class Sampler:
             generator = torch.Generator("cpu").manual_seed(int(r.seed))
             shape = (1, self.latent_channels, r.height // self.vae_scale_factor, r.width // self.vae_scale_factor)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)  # on CPU: same on any device
-            latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
-            states.append(SampleState(r, scheduler, latents, generator))
+            if r.init_image is None or r.strength >= 1.0:
+                latents, first = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma, 0
+            else:
+                latents, first = self._noised_init(r, scheduler, noise)
+            states.append(SampleState(r, scheduler, latents, generator, step_index=first))
         return states
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the latents the sampler works in (the VAE's mean; the pixels themselves,
+        in [-1, 1], for a pixel-space model)."""
+        x = images.to(self.device, self.dtype) * 2 - 1
+        if self.vae is None:
+            return x
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    def _noised_init(self, r: SampleRequest, scheduler, noise: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if not 0.0 < r.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {r.strength}")
+        if tuple(r.init_image.shape) != (3, r.height, r.width):
+            raise ValueError(f"init_image must be (3, {r.height}, {r.width}), got {tuple(r.init_image.shape)}")
+        steps = len(scheduler.timesteps)
+        first = min(steps - 1, steps - max(1, round(steps * r.strength)))  # the steps before it are skipped
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
+        if isinstance(scheduler, StableEulerAncestralScheduler):
+            scheduler.index = first
+        init = self.encode(r.init_image[None])  # (1, C, h, w)
+        t = scheduler.timesteps[first:first + 1]
+        return scheduler.add_noise(init, noise.to(self.device, self.dtype), t), first
 
     @torch.no_grad()
     def step(self, states: list[SampleState]) -> None:

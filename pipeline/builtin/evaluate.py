@@ -131,7 +131,71 @@ def eval_upscaler(pipe: Pipeline, n: int, seed: int) -> dict:
             "bicubic": {"psnr_db": round(psnr(bic, hr), 2), "ssim": round(ssim(bic, hr), 4)}}
 
 
-# ---- 6. latency ----------------------------------------------------------------------------
+# ---- 6. variations (Midjourney's V: image-to-image from one delivered image) -------------------------
+COPY_FLOOR = 4 / 255  # a variation closer than this (mean absolute pixel difference) to its source is a copy
+
+
+@torch.no_grad()
+def eval_variations(pipe: Pipeline, seeds: list[int], strengths: tuple[float, ...] = (0.3, 0.6),
+                    n_variations: int = 4, prompts: int | None = None, batch: int = 16) -> dict:
+    """Variations the way the service makes them: each prompt's image is generated at the defaults, delivered
+    (upscaled, a PNG), read back at the sample size (`image_tensor`, as the JobRunner does) and varied with the
+    same prompt and new seeds at each strength. Per strength: the share of variations that keep all three
+    attributes the analyzer sees in the chosen image, the share that match the prompt, and how far they moved
+    (mean absolute pixel difference to the chosen image at the sample size; `copy_floor`)."""
+    import io
+
+    from ..generate import image_tensor, make_sample_requests
+
+    def sample_all(requests):
+        return [img for k in range(0, len(requests), batch) for img in pipe.sampler.sample(requests[k:k + batch])]
+
+    cases = [(prompt, combo, seed) for prompt, combo in list(zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS))[:prompts]
+             for seed in seeds]
+    reqs = [pipe.resolve(GenerationRequest(prompt=p, seed=seed * 1000 + 7, n=1)) for p, _, seed in cases]
+    embs = [pipe.text_encoder.encode([r.prompt, r.negative_prompt]) for r in reqs]
+    chosen = sample_all([sr for r, e in zip(reqs, embs) for sr in make_sample_requests(r, e)])
+    inits = []
+    for r, pixels in zip(reqs, chosen):
+        delivered = pipe.upscaler.upscale(pixels[None], r.upscale)[0]
+        buf = io.BytesIO()
+        Image.fromarray((delivered.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, "PNG")
+        inits.append(image_tensor(buf.getvalue(), r.sample_width, r.sample_height))
+    chosen_combos = [a.combo for a in analyzer.analyze_batch(torch.stack(inits))]
+    # strength 0 (no step runs): the VAE's round trip, the least any variation can differ from the chosen image
+    vae = pipe.sampler.vae
+    stacked = torch.stack(inits)
+    roundtrip = (stacked if vae is None else (vae.decode(pipe.sampler.encode(stacked) / vae.config.scaling_factor)
+                                              .sample.float() / 2 + 0.5).clamp(0, 1))
+    out = {"cases": len(cases), "variations_per_case": n_variations, "copy_floor": round(COPY_FLOOR, 4),
+           "vae_roundtrip_abs_diff": round((roundtrip - stacked).abs().mean().item(), 4),
+           "chosen_match_prompt": round(sum(c == tuple(k) for c, (_, k, _) in zip(chosen_combos, cases)) / len(cases),
+                                        4)}
+    for strength in strengths:
+        vreqs = [r.model_copy(update={"seed": r.seed + 500, "n": n_variations, "init_key": "eval",
+                                      "strength": strength}) for r in reqs]
+        images = sample_all([sr for r, e, init in zip(vreqs, embs, inits) for sr in make_sample_requests(r, e, init)])
+        analyses = analyzer.analyze_batch(torch.stack(images))
+        keep = prompt_ok = 0
+        diffs, from_roundtrip, siblings = [], [], []
+        for i, a in enumerate(analyses):
+            case = i // n_variations
+            keep += chosen_combos[case] is not None and a.combo == chosen_combos[case]
+            prompt_ok += a.combo == tuple(cases[case][1])
+            diffs.append((images[i] - inits[case]).abs().mean().item())
+            from_roundtrip.append((images[i] - roundtrip[case]).abs().mean().item())
+            if i % n_variations:
+                siblings.append((images[i] - images[i - 1]).abs().mean().item())
+        n = len(analyses)
+        out[str(strength)] = {"n": n, "keep_all_three": round(keep / n, 4), "match_prompt": round(prompt_ok / n, 4),
+                              "mean_abs_diff": round(sum(diffs) / n, 4), "min_abs_diff": round(min(diffs), 4),
+                              "above_copy_floor": round(sum(d > COPY_FLOOR for d in diffs) / n, 4),
+                              "mean_abs_diff_to_roundtrip": round(sum(from_roundtrip) / n, 4),
+                              "mean_abs_diff_between_variations": round(sum(siblings) / max(1, len(siblings)), 4)}
+    return out
+
+
+# ---- 7. latency ----------------------------------------------------------------------------
 def eval_latency(pipe: Pipeline, batch: int, steps: int, repeats: int = 2, **settings) -> float:
     """Seconds per image, guidance and VAE decode included (best of `repeats`)."""
     req = pipe.resolve(GenerationRequest(prompt=domain.PROMPT_LIST[0], n=batch, steps=steps, seed=0, upscale=1,
@@ -145,7 +209,7 @@ def eval_latency(pipe: Pipeline, batch: int, steps: int, repeats: int = 2, **set
     return round(best / batch, 4)
 
 
-# ---- 7. sample sheet ---------------------------------------------------------------------------
+# ---- 8. sample sheet ---------------------------------------------------------------------------
 def sample_sheet(pipe: Pipeline, path: Path, n_prompts: int = 8, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> None:
     """A grid of prompts (rows, half of them held-out) x seeds, upscaled x4, captioned."""
     seen = [p for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if not domain.is_held_out(c)]
@@ -185,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
              ("generation_random_init", lambda: eval_generation(random_init(pipe), seeds)),
              ("step_sweep", lambda: step_sweep(pipe, seeds[:1])),
              ("upscaler", lambda: eval_upscaler(pipe, n // 4, 14)),
+             ("variations", lambda: eval_variations(pipe, seeds)),
              ("latency_s_per_image", lambda: latency_table(pipe))]
     for name, fn in steps:
         t0 = time.perf_counter()
@@ -252,6 +317,7 @@ def markdown(r: dict) -> str:
              f"- Upscaler x4 on held-out images, degradation {r['upscaler']['degradation']}: RRDBNet "
              f"{r['upscaler']['rrdbnet']['psnr_db']} dB / SSIM {r['upscaler']['rrdbnet']['ssim']}, bicubic "
              f"{r['upscaler']['bicubic']['psnr_db']} dB / SSIM {r['upscaler']['bicubic']['ssim']}", "",
+             *variations_lines(r.get("variations")),
              "## Sampler settings (all three, seen / held-out; 1 seed)", "",
              "| scheduler | steps | seen | held-out | s/image at batch 16 |", "|---|---|---|---|---|"]
     lines += [f"| {s['scheduler']} | {s['steps']} | {s['seen_all']:.1%} | {s['held_out_all']:.1%} | "
@@ -260,6 +326,25 @@ def markdown(r: dict) -> str:
               "| setting | s/image |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in r["latency_s_per_image"].items()]
     return "\n".join(lines + ["", "![sample sheet](sample_sheet.png)", ""])
+
+
+def variations_lines(v: dict | None) -> list[str]:
+    if v is None:
+        return []
+    lines = ["## Variations (image-to-image from a delivered image, same prompt, new seeds)", "",
+             f"{v['cases']} chosen images ({v['chosen_match_prompt']:.1%} of them match their prompt) x "
+             f"{v['variations_per_case']} variations per strength. *Keep*: all three attributes of the chosen image "
+             f"(as the analyzer sees it); *prompt*: all three of the prompt; *moved*: mean absolute pixel difference "
+             f"to the chosen image at the sample size (0-1), and the share above the copy floor "
+             f"{v['copy_floor']:.4f} (= {v['copy_floor'] * 255:.0f}/255). The VAE's round trip alone (strength 0) "
+             f"moves an image by {v['vae_roundtrip_abs_diff']:.4f}; *between*: mean absolute difference of a "
+             f"variation to its sibling (four different images, not one image four times).", "",
+             "| strength | keep all three | match the prompt | mean moved | least moved | above the copy floor | "
+             "moved from the round trip | between |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s} | {v[s]['keep_all_three']:.1%} | {v[s]['match_prompt']:.1%} | {v[s]['mean_abs_diff']:.4f} | "
+              f"{v[s]['min_abs_diff']:.4f} | {v[s]['above_copy_floor']:.1%} | {v[s]['mean_abs_diff_to_roundtrip']:.4f} "
+              f"| {v[s]['mean_abs_diff_between_variations']:.4f} |" for s in v if s[:1].isdigit()]
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -30,3 +30,18 @@ def test_builtin_model_follows_prompts():
 def test_builtin_delivers_128px_by_default():
     [res] = Pipeline.load().generate([{"prompt": "a red circle on a black background", "seed": 1}])
     assert res.images[0].size == (128, 128) and res.request.sample_width == 32
+
+
+def test_builtin_variations_keep_the_image_and_still_move():
+    """Midjourney's V with the built-in model, the served way (delivered PNG read back, image-to-image): subtle
+    variations (0.3) keep all three attributes of the chosen image, strong ones (0.6) still match the prompt, and
+    both differ from the chosen image by more than the copy floor and than the VAE's own round trip. The full
+    figures (40 prompts x 4 seeds) are in reports/evaluation.md."""
+    from pipeline.builtin.evaluate import COPY_FLOOR, eval_variations
+    r = eval_variations(Pipeline.load(), seeds=[3], prompts=12)
+    subtle, strong = r["0.3"], r["0.6"]
+    assert subtle["keep_all_three"] >= 0.95 and strong["match_prompt"] >= 0.90, r
+    for v in (subtle, strong):
+        assert v["mean_abs_diff"] > max(COPY_FLOOR, r["vae_roundtrip_abs_diff"]), r
+        assert v["mean_abs_diff_between_variations"] > 2 / 255, r  # four different images, not one four times
+    assert strong["mean_abs_diff"] > subtle["mean_abs_diff"]

@@ -112,3 +112,56 @@ def test_euler_ancestral_is_finite_with_few_steps_and_matches_diffusers_otherwis
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         else:
             assert steps == 3  # the case the subclass exists for
+
+
+# ---- image-to-image (SDEdit): the variations' and init images' path ------------------------------------
+def striped(h=16, w=16) -> torch.Tensor:
+    """A (3, h, w) test image: red and blue vertical stripes."""
+    x = torch.zeros(3, h, w)
+    x[0, :, ::4], x[0, :, 1::4], x[2, :, 2::4], x[2, :, 3::4] = 1, 1, 1, 1
+    return x
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_img2img_runs_the_last_part_of_the_schedule_from_the_noised_image(tiny_pipeline, scheduler):
+    pipe, init = tiny_pipeline, striped()
+    start = pipe.sampler.start([make_request(pipe, scheduler=scheduler, num_inference_steps=10, init_image=init,
+                                             strength=s) for s in (0.3, 0.6, 1.0)])
+    assert [s.num_steps - s.step_index for s in start] == [3, 6, 10]  # the steps that run
+    calls = []
+    images = pipe.sampler.sample([make_request(pipe, scheduler=scheduler, num_inference_steps=10, init_image=init,
+                                               strength=0.3)], callback=lambda done, total: calls.append(done))
+    assert calls == [8, 9, 10] and torch.isfinite(images[0]).all()
+    # in latent space (a random-init VAE decoder amplifies any change): from the lowest noise level the result
+    # stays next to the encoded image; from a high one it moves far from it
+    encoded = pipe.sampler.encode(init[None])
+    distance = {}
+    for strength in (0.02, 0.9):
+        states = pipe.sampler.start([make_request(pipe, scheduler=scheduler, num_inference_steps=50, init_image=init,
+                                                  strength=strength)])
+        while not states[0].done:
+            pipe.sampler.step(states)
+        distance[strength] = (states[0].latents - encoded).abs().mean().item()
+    assert distance[0.02] < 0.1 < 0.5 < distance[0.9], distance
+
+
+def test_img2img_is_deterministic_and_batch_invariant(tiny_pipeline):
+    pipe, init = tiny_pipeline, striped()
+    target = make_request(pipe, "a blue square", seed=3, scheduler="euler_a", num_inference_steps=6, init_image=init,
+                          strength=0.5)
+    alone = pipe.sampler.sample([target])[0]
+    mixed = pipe.sampler.sample([make_request(pipe, seed=1, num_inference_steps=4), target,
+                                 make_request(pipe, seed=3, scheduler="euler_a", num_inference_steps=6, init_image=init,
+                                              strength=0.8),
+                                 make_request(pipe, seed=9, scheduler="euler_a", num_inference_steps=6,
+                                              init_image=init, strength=0.5)])
+    assert (mixed[1] - alone).abs().max() <= 1 / 255
+    assert (mixed[3] - alone).abs().max() > 1 / 255  # the seed still decides the noise
+
+
+def test_img2img_checks_its_inputs(tiny_pipeline):
+    pipe = tiny_pipeline
+    with pytest.raises(ValueError, match="init_image must be"):
+        pipe.sampler.start([make_request(pipe, init_image=striped(8, 8), strength=0.5)])
+    with pytest.raises(ValueError, match="strength"):
+        pipe.sampler.start([make_request(pipe, init_image=striped(), strength=0.0)])
