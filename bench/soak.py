@@ -32,7 +32,9 @@ GOAL_P99_RATIO = 1.5
 
 
 def rss_by_process(root_pids: set[int]) -> dict[str, float]:
-    """Resident MB of each live descendant of `root_pids` (and the roots), keyed "name (pid)"."""
+    """Resident MB of each live descendant of `root_pids` (and the roots), keyed "name (pid)". A Ray worker's
+    title changes with the method it runs ("ray::ServeReplica:app:Upscaler.handle_request"); the method is left
+    off, so that one process keeps one key."""
     parents = {}
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -50,7 +52,10 @@ def rss_by_process(root_pids: set[int]) -> dict[str, float]:
             rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         except (OSError, IndexError, ValueError):
             continue
-        out[f"{Path(name).name} ({pid})"] = rss
+        base = Path(name).name
+        if base.startswith("ray::"):
+            base = base.split(".", 1)[0]
+        out[f"{base} ({pid})"] = rss
     return out
 
 
@@ -98,6 +103,8 @@ def summarize(outs, t_start, minutes, fraction, peak, memory, out_dir: Path, log
     p99_first, p99_last = percentile(first, 99), percentile(last, 99)
     slopes = {name: slope_mb_per_min([s for s in samples if s[0] >= 120]) for name, samples in memory.items()}
     slopes = {k: v for k, v in slopes.items() if v is not None}
+    half = minutes * 30  # the second half alone: growth that levels off (caches warming) against growth that goes on
+    late = {name: slope_mb_per_min([s for s in samples if s[0] >= half]) for name, samples in memory.items()}
     machine = describe_machine()
     r = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "minutes": minutes, "fraction_of_peak": fraction,
          "peak_images_per_s": round(peak, 3), "submitted": len(outs), "succeeded": len(done),
@@ -106,7 +113,9 @@ def summarize(outs, t_start, minutes, fraction, peak, memory, out_dir: Path, log
          "p99_first_minute_s": p99_first, "p99_last_minute_s": p99_last,
          "p99_ratio": round(p99_last / p99_first, 2) if p99_first and p99_last else None,
          "memory_slope_mb_per_min": dict(sorted(slopes.items(), key=lambda kv: -abs(kv[1]))),
-         "max_slope_mb_per_min": max(slopes.values(), default=None)}
+         "max_slope_mb_per_min": max(slopes.values(), default=None),
+         "memory_slope_second_half_mb_per_min": {k: late[k] for k in sorted(slopes, key=lambda k: -abs(slopes[k]))},
+         "memory_mb": {name: {"first": samples[0][1], "last": samples[-1][1]} for name, samples in memory.items()}}
     r["goals"] = {"every job succeeded": r["succeeded"] == r["submitted"],
                   f"p99 last minute <= {GOAL_P99_RATIO}x first": r["p99_ratio"] is not None
                   and r["p99_ratio"] <= GOAL_P99_RATIO,
@@ -126,9 +135,12 @@ def render(r: dict) -> str:
              f"failed {r['failed']}, lost {r['lost']}. p99 latency first minute {r['p99_first_minute_s']} s, "
              f"last minute {r['p99_last_minute_s']} s (ratio {r['p99_ratio']}).", "",
              "| goal | met |", "|---|---|", *[f"| {g} | {'yes' if ok else '**no**'} |" for g, ok in r["goals"].items()],
-             "", "Memory slope of each process after its first two minutes (MB/min, largest first):", "",
-             "| process | MB/min |", "|---|---|",
-             *[f"| {name} | {slope} |" for name, slope in list(r["memory_slope_mb_per_min"].items())[:20]]]
+             "", "Memory slope of each process after its first two minutes, and over the second half alone (MB/min, "
+             "largest first), with its resident MB at the first and last sample:", "",
+             "| process | MB/min | MB/min, second half | MB first -> last |", "|---|---|---|---|",
+             *[f"| {name} | {slope} | {r['memory_slope_second_half_mb_per_min'].get(name)} | "
+               f"{r['memory_mb'][name]['first']:.0f} -> {r['memory_mb'][name]['last']:.0f} |"
+               for name, slope in list(r["memory_slope_mb_per_min"].items())[:20]]]
     return "\n".join(lines) + "\n"
 
 
