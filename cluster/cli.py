@@ -6,6 +6,7 @@
     eval "$(imagine env)"                 # endpoint, API key and S3 settings for aws/boto3/openai in a shell
     imagine demo                          # up, then a grid for a few prompts
     imagine generate --local "..."        # in this process, no cluster (pipeline/ only)
+    imagine upscale JOB 2 | vary JOB 3 --strong | reroll JOB     # Midjourney's U, V and reroll
 """
 from __future__ import annotations
 
@@ -77,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("config", nargs="?", default=None, help=cfg_help)
     d.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default: out/demo)")
     d.add_argument("--local", action="store_true", help="no cluster: run pipeline/ in this process")
+    for name, helptext in (("upscale", "U: one image of a job, larger (a child job)"),
+                           ("vary", "V: four variations of one image of a job (a child job)"),
+                           ("reroll", "the same prompt and settings with new seeds (a child job)")):
+        w = sub.add_parser(name, help=helptext, description=helptext + "; shows progress, downloads the PNGs.")
+        w.add_argument("job", help="the job id (img_...)")
+        if name != "reroll":
+            w.add_argument("index", type=int, help="which image, from 1 (as U1..U4, V1..V4)")
+        if name == "vary":
+            w.add_argument("--strong", action="store_true", help="strong variations (strength 0.6; default subtle 0.3)")
+            w.add_argument("--strength", type=float, default=None, help="any strength in (0, 1]")
+        w.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
+        w.add_argument("--config", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+        w.add_argument("--endpoint", default=None, help="API endpoint (default: from the config)")
+        w.add_argument("--api-key", default=None, help="API key (default: the first in the config's key file)")
     j = sub.add_parser("jobs", help="the job queue: dead letters", description="Inspect the job queue.")
     jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="JOBS_COMMAND")
     dead = jsub.add_parser("dead", help="jobs that ran out of attempts (newest first)",
@@ -121,13 +136,28 @@ def _fields(args) -> dict:
 def cmd_generate(args) -> int:
     if args.local:
         return cmd_generate_local(args)
+    return _run_job(args, lambda client: client.submit(args.prompt, **_fields(args)))
+
+
+def cmd_workflow(args) -> int:
+    """`imagine upscale JOB 2`, `imagine vary JOB 3 [--strong]`, `imagine reroll JOB`: a child job, followed."""
+    if args.command == "upscale":
+        return _run_job(args, lambda client: client.upscale(args.job, args.index))
+    if args.command == "vary":
+        strength = args.strength or (0.6 if args.strong else 0.3)
+        return _run_job(args, lambda client: client.vary(args.job, args.index, strength))
+    return _run_job(args, lambda client: client.reroll(args.job))
+
+
+def _run_job(args, submit) -> int:
+    """Submit with `submit(client)`, show progress, download the PNGs and a grid."""
     from cluster.client import ClientError, ImagineClient
     c = Cluster.load(args.config)
     keys = c.cfg.api.load_api_keys()
     client = ImagineClient(args.endpoint or c.endpoint, api_key=args.api_key or (sorted(keys)[0] if keys else None))
     t0 = time.perf_counter()
     try:
-        out = client.generate(args.prompt, out_dir=args.out, on_event=_stage_bar(), **_fields(args))
+        out = client.follow(submit(client), out_dir=args.out, on_event=_stage_bar())
     except ClientError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
@@ -355,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"generate": cmd_generate, "demo": cmd_demo, "up": cmd_up, "down": cmd_down, "status": cmd_status,
                 "env": cmd_env, "jobs": cmd_jobs, "apply": cmd_apply, "serve-config": cmd_serve_config,
+                "upscale": cmd_workflow, "vary": cmd_workflow, "reroll": cmd_workflow,
                 "k8s": cmd_k8s, "dashboards": cmd_dashboards}
     try:
         if args.command in EXTENSIONS:

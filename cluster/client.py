@@ -59,6 +59,28 @@ class ImagineClient:
         """POST /v1/jobs: returns the queued job record (202)."""
         return self._call("POST", "/v1/jobs", json={"prompt": prompt, **fields})
 
+    def upscale(self, job_id: str, index: int) -> dict:
+        """U<index>: a child job with image `index` (from 1) larger."""
+        return self._call("POST", f"/v1/jobs/{job_id}/images/{index}/upscale")
+
+    def vary(self, job_id: str, index: int, strength: float = 0.3) -> dict:
+        """V<index>: four variations of image `index` (strength 0.3 subtle, 0.6 strong)."""
+        return self._call("POST", f"/v1/jobs/{job_id}/images/{index}/variations", json={"strength": strength})
+
+    def reroll(self, job_id: str) -> dict:
+        """The same prompt and settings, new seeds."""
+        return self._call("POST", f"/v1/jobs/{job_id}/reroll")
+
+    def follow(self, job: dict, out_dir: str | Path = "out", on_event: Callable[[dict], None] | None = None
+               ) -> GenerationOutput:
+        """Follow a submitted job's progress, download its PNGs and write a grid."""
+        job = self.wait(job["id"], on_event=on_event)
+        if job["state"] != "succeeded":
+            raise ClientError(500, {"type": job.get("error_type") or job["state"],
+                                    "message": job.get("error") or f"job {job['id']} {job['state']}"})
+        paths = self.download(job, out_dir)
+        return GenerationOutput(job=job, paths=paths, grid=write_grid(paths, Path(out_dir) / f"{job['id']}_grid.png"))
+
     def get(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
@@ -95,12 +117,7 @@ class ImagineClient:
     def generate(self, prompt: str, out_dir: str | Path = "out", on_event: Callable[[dict], None] | None = None,
                  **fields) -> GenerationOutput:
         """Submit, follow progress, download the PNGs and write a grid."""
-        job = self.wait(self.submit(prompt, **fields)["id"], on_event=on_event)
-        if job["state"] != "succeeded":
-            raise ClientError(500, {"type": job.get("error_type") or job["state"],
-                                    "message": job.get("error") or f"job {job['id']} {job['state']}"})
-        paths = self.download(job, out_dir)
-        return GenerationOutput(job=job, paths=paths, grid=write_grid(paths, Path(out_dir) / f"{job['id']}_grid.png"))
+        return self.follow(self.submit(prompt, **fields), out_dir, on_event)
 
 
 def write_grid(paths: list[Path], dest: Path) -> Path | None:

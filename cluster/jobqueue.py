@@ -215,6 +215,17 @@ class JobQueue:
     def info(self, job_id: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.r.hgetall(self.p + "job:" + job_id).items()}
 
+    # ---- a key's jobs, newest first (the gallery's history) ------------------------------------------
+    def index_job(self, key_id: str, job_id: str, created_at: float) -> None:
+        self.r.zadd(self.p + "keyjobs:" + key_id, {job_id: created_at})
+
+    def key_jobs(self, key_id: str, before: float | None = None, limit: int = 20) -> list[tuple[str, float]]:
+        """(job id, created_at) of the key's jobs created before `before` (None: the newest), newest first."""
+        top = f"({before}" if before is not None else "+inf"
+        rows = self.r.zrevrangebyscore(self.p + "keyjobs:" + key_id, top, "-inf", start=0, num=limit,
+                                       withscores=True)
+        return [(j.decode(), score) for j, score in rows]
+
     # ---- cancel, live record, events ---------------------------------------------------------------
     def request_cancel(self, job_id: str) -> None:
         self.r.hset(self.p + "job:" + job_id, "cancel", 1)

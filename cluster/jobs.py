@@ -108,6 +108,11 @@ class JobRecord(_Record):
     attempts: int = Field(0, ge=0)  # runs started (a runner that died counts one)
     started_at: float | None = None  # unix seconds, when its current run started (queueing ends)
     queue_wait_s: float | None = None  # created_at to the first start
+    action: Literal["imagine", "upscale", "vary", "reroll", "img2img"] = "imagine"
+    parent_id: str | None = Field(None, pattern=JOB_ID.pattern)  # the job an upscale/vary/reroll started from
+    children: list[str] = Field(default_factory=list)  # jobs started from this one (newest last)
+    webhook: str | None = None  # the URL that gets this record on the chosen events (webhook_events_filter)
+    webhook_events_filter: list[str] | None = None
 
     @field_validator("request")
     @classmethod
@@ -170,6 +175,21 @@ class JobStore:
             except PreconditionFailed:
                 logger.debug("job %s changed while updating it; retrying", job_id)
         raise RuntimeError(f"job {job_id}: {_MAX_CONFLICTS} concurrent writers in a row beat update({sorted(fields)})")
+
+    def add_child(self, job_id: str, child_id: str) -> JobRecord:
+        """Note a job started from this one (its state does not matter: children come after the parent ends)."""
+        check_job_id(child_id)
+        for _ in range(_MAX_CONFLICTS):
+            record, etag = self._read(job_id)
+            if child_id in record.children:
+                return record
+            new = record.model_copy(update={"children": [*record.children, child_id]})
+            try:
+                self.storage.put_json(job_key(job_id), _stored(new), if_match=etag)
+                return new
+            except PreconditionFailed:
+                logger.debug("job %s changed while adding a child; retrying", job_id)
+        raise RuntimeError(f"job {job_id}: {_MAX_CONFLICTS} concurrent writers in a row beat add_child")
 
     def mark_failed(self, job_id: str, error: str, error_type: str) -> JobRecord:
         """Record why a job failed (unless it already ended)."""

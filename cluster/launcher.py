@@ -131,6 +131,14 @@ def ensure_redis_password(c: Cluster) -> str | None:
     return password
 
 
+def ensure_webhook_secret(c: Cluster) -> None:
+    """The server's webhook secret (jobs' webhooks are signed with keys derived from it): a new file on first
+    start, unless the environment or an existing file has one."""
+    w = c.cfg.webhooks
+    if w.server_secret() is None and w.secret_file:
+        _write_secret(Path(w.secret_file), secrets.token_urlsafe(32) + "\n")
+
+
 def start_redis(c: Cluster, password: str | None) -> str:
     """The local Redis (cluster/redis_server.py) when `queue.local.enabled`; where the queue's Redis is."""
     from cluster.redis_server import LocalRedis, RedisError
@@ -222,6 +230,7 @@ def up(c: Cluster) -> dict:
     s3 = start_s3(c, key, secret)
     prometheus = start_prometheus(c)
     redis = start_redis(c, ensure_redis_password(c))
+    ensure_webhook_secret(c)
     api_key = ensure_api_key(c)
     start_ray(c)
     from cluster.storage import Storage

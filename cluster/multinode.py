@@ -281,6 +281,7 @@ def up(c: Cluster, n: int) -> dict:
     try:
         key, secret = launcher.ensure_credentials(c)
         password, api_key = launcher.ensure_redis_password(c), launcher.ensure_api_key(c)
+        launcher.ensure_webhook_secret(c)
         facts["s3_url"] = _start_s3(c, lab.host_address, key, secret)
         facts["redis_url"] = _start_redis(c, lab.host_address, password)
         (c.state_dir / STATE_FILE).write_text(json.dumps(facts, indent=1) + "\n")

@@ -49,9 +49,18 @@ class JobRunnerBase:
         self.producer = producer(self.cfg)
         self.owner = f"{serve.get_replica_context().replica_tag}-{secrets.token_hex(3)}"
         self.runner = JobRunner(StageHandles(text_encoder, diffuser, upscaler, publisher), self.store, self.queue,
-                                self.cfg)
+                                self.cfg, webhooks=self._webhook_sender())
         self.metrics_task = self.loop.create_task(self.runner.export_queue_metrics())
         self.watchdog = self.loop.create_task(self._redeliver_expired())
+
+    def _webhook_sender(self):
+        from .webhooks import WebhookSender
+        secret = self.cfg.webhooks.server_secret()
+        if secret is None:  # the Ingress refuses jobs with a webhook then
+            logger.warning("no webhook secret (webhooks.secret_env / secret_file): webhooks are off")
+            return None
+        return WebhookSender(self.cfg.webhooks, secret, loop=self.loop,
+                             on_outcome=lambda event, outcome: m.inc("imagine_webhooks_total", outcome=outcome))
 
     @task_handler(name=TASK_NAME)
     def run_job(self, job_id: str) -> str:

@@ -61,6 +61,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "imagine_queue_oldest_seconds": ("gauge", (), "Age of the oldest job waiting in the queue."),
     "imagine_jobs_redelivered_total": ("counter", (), "Jobs re-enqueued because their runner's lease expired."),
     "imagine_jobs_dead_total": ("counter", (), "Jobs that ran out of attempts (sent to the dead letters)."),
+    "imagine_webhooks_total": ("counter", ("outcome",), "Webhook events by final outcome (delivered, failed, ...)."),
 }
 _BOUNDARIES = {"imagine_stage_batch_size": BATCH_BUCKETS, "imagine_denoising_step_seconds": STEP_BUCKETS}
 

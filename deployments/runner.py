@@ -43,9 +43,10 @@ class RunningJob:
 
 
 class JobRunner:
-    def __init__(self, stages: StageHandles, store: JobStore, queue, cfg):
+    def __init__(self, stages: StageHandles, store: JobStore, queue, cfg, webhooks=None):
         self.store, self.queue, self.cfg, self.jobs = store, queue, cfg, cfg.jobs
         self.calls = StageCalls(stages, cfg.jobs.stage_retries, cfg.jobs.stall_timeout_s)
+        self.webhooks = webhooks  # a deployments.webhooks.WebhookSender, or None when none can be signed
 
     # ---- one delivery -------------------------------------------------------------------------------
     async def handle(self, job_id: str, owner: str) -> str:
@@ -82,6 +83,7 @@ class JobRunner:
             await asyncio.to_thread(q.bury, job_id, error, attempt - 1)
             m.inc("imagine_jobs_dead_total")
             return await self._record(self._ended(record, "failed", error, "retries_exhausted"), owner)
+        self._notify(record, "start")
         job = RunningJob(record, owner, level=int(info.get("level", 0)))
         run = asyncio.ensure_future(self._run(job))
         lease = asyncio.ensure_future(self._keep_lease(job, run))
@@ -137,6 +139,9 @@ class JobRunner:
         from pipeline.request import ResolvedRequest
         c, record = self.calls, job.record
         req = ResolvedRequest.model_validate({k: v for k, v in record.request.items() if k != "model"})
+        if req.upscale_only:
+            return await self._upscale_stored(job, req)
+        init = await self._stored_image(req.init_key, req.sample_width, req.sample_height) if req.init_key else None
         # 1. text encoding: prompt and negative prompt, batched with other jobs' prompts
         await self._update(job, force=True, stage="text_encoder", progress=progress_at("text_encoder"))
         emb = await c.encode(req.prompt, req.negative_prompt)
@@ -149,7 +154,7 @@ class JobRunner:
                 first[0] = False
                 m.observe("imagine_job_queue_wait_seconds", time.time() - record.created_at)
             await self._update(job, progress=progress_at("diffuser", fraction))
-        pixels = await c.sample(make_sample_requests(req, emb), job.level, on_progress)
+        pixels = await c.sample(make_sample_requests(req, emb, init), job.level, on_progress)
         seeds, scores = req.seeds(), [None] * req.num_candidates
         # 3. best_of: CLIP keeps the n best candidates, best first
         if req.best_of > 1:
@@ -167,6 +172,28 @@ class JobRunner:
         images = await c.publish(record.id, images, meta)
         job.record = self._with(job.record, state="succeeded", stage="done", progress=1.0, images=images)
 
+    async def _upscale_stored(self, job: RunningJob, req) -> None:
+        """An upscale job (Midjourney's U): a stored image through the Upscaler, no sampling."""
+        await self._update(job, force=True, stage="upscaler", progress=progress_at("upscaler"))
+        png = await asyncio.to_thread(self.store.storage.get_bytes, req.init_key)
+        import io
+
+        from PIL import Image
+        w, h = Image.open(io.BytesIO(png)).size
+        image = await self._stored_image(req.init_key, w, h, png)
+        images = await self.calls.upscale(image[None], req.upscale_only)
+        await self._update(job, force=True, stage="publisher", progress=progress_at("publisher"))
+        meta = [{"seed": req.seed, "model": job.record.request.get("model"), "width": w * req.upscale_only,
+                 "height": h * req.upscale_only, "upscale": req.upscale_only, "source": req.init_key}]
+        images = await self.calls.publish(job.record.id, images, meta)
+        job.record = self._with(job.record, state="succeeded", stage="done", progress=1.0, images=images)
+
+    async def _stored_image(self, key: str, width: int, height: int, png: bytes | None = None):
+        """A stored PNG as a (3, height, width) tensor (the start of an image-to-image job)."""
+        from pipeline.generate import image_tensor
+        png = png if png is not None else await asyncio.to_thread(self.store.storage.get_bytes, key)
+        return image_tensor(png, width, height)
+
     async def _update(self, job: RunningJob, force: bool = False, **fields) -> None:
         """The record changes: every Ingress sees it at once (Redis); S3 on stage and state changes."""
         job.record = self._with(job.record, **fields)
@@ -174,6 +201,7 @@ class JobRunner:
             if job.record is not job.last_published:
                 job.last_published = job.record
                 await self._publish(job.record)
+                self._notify(job.record, "progress")
         if force:
             stored = await asyncio.to_thread(self.store.update, job.record.id, **self._durable(job.record))
             if stored.state == "cancelled":
@@ -191,6 +219,7 @@ class JobRunner:
         await self._safely(q.drop_outcome, final.id)
         if stored.state != final.state:  # S3 had it ended already (a cancel that won the race)
             await self._publish(stored)
+        self._notify(self._with_urls(stored), "completed")
         m.inc("imagine_jobs_finished_total", state=stored.state)
         if stored.state == "succeeded":
             m.observe("imagine_job_latency_seconds", time.time() - stored.created_at)
@@ -215,6 +244,18 @@ class JobRunner:
         if state == "failed":
             logger.warning("job %s failed (%s): %s", record.id, error_type, error)
         return self._with(record, state=state, error=error, error_type=error_type)
+
+    def _notify(self, record: JobRecord, event: str) -> None:
+        """The job's webhook, if it has one (never blocks, never raises: deployments/webhooks.py)."""
+        if self.webhooks is not None and record.webhook:
+            self.webhooks.notify(record.id, record.webhook, record.key_id, event, record.model_dump(mode="json"),
+                                 events=record.webhook_events_filter)
+
+    def _with_urls(self, record: JobRecord) -> JobRecord:
+        try:
+            return self.store.with_urls(record)
+        except StorageError:
+            return record
 
     async def _publish(self, record: JobRecord) -> None:
         await self._safely(self.queue.publish, record.id, record.model_dump(mode="json"))

@@ -212,10 +212,14 @@ def overview() -> db.Dashboard:
         .with_panel(graph("Stage errors/s by deployment and reason", "Stage calls that raised, by the bounded "
                           "reason of deployments/metrics.py (timeout, storage, out_of_memory, ...).", "reqps",
                           [(sum_rate("imagine_stage_errors_total", by="deployment, reason"),
-                            "{{deployment}} {{reason}}")]))
+                            "{{deployment}} {{reason}}")], width=8))
         .with_panel(graph("HTTP errors/s (4xx, 5xx)", "Ingress responses with a 4xx or 5xx code, by code and "
                           "route.", "reqps",
-                          [(sum_rate(http, 'code=~"4..|5.."', by="code, handler"), "{{code}} {{handler}}")]))
+                          [(sum_rate(http, 'code=~"4..|5.."', by="code, handler"), "{{code}} {{handler}}")], width=8))
+        .with_panel(graph("Webhook events/s by outcome", "Jobs' webhook events by final outcome: delivered, "
+                          "rejected (a 4xx answer: not retried), refused (the URL is no longer allowed), failed "
+                          "(out of attempts). Retries and throttled progress events are not counted.", "reqps",
+                          [(sum_rate("imagine_webhooks_total", by="outcome"), "{{outcome}}")], width=8))
     )
 
 

@@ -33,6 +33,7 @@ from .services import (
     MonitoringConfig,
     QueueConfig,
     StorageConfig,
+    WebhooksConfig,
 )
 from .stages import (
     ActorOptions,
@@ -51,7 +52,7 @@ __all__ = [
     "DEPLOYMENT_NAMES", "IMPORT_PATH", "STAGES", "ActorOptions", "ApiConfig", "Autoscaling", "ClusterConfig",
     "ConfigError", "DiffuserConfig", "ImagineConfig", "IngressConfig", "JobRunnerConfig", "JobsConfig", "Limits",
     "LocalBroker", "LocalS3", "MonitoringConfig", "PublisherConfig", "QUEUE_POLICY", "QueueConfig", "StageConfig",
-    "Stages", "StorageConfig", "TextEncoderConfig", "UpscalerConfig",
+    "Stages", "StorageConfig", "TextEncoderConfig", "UpscalerConfig", "WebhooksConfig",
     "render_serve_config_yaml", "validate_serve_config",
 ]
 
@@ -70,6 +71,7 @@ class ImagineConfig(_Model):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ImagineConfig":
@@ -133,6 +135,7 @@ class ImagineConfig(_Model):
         d["api"]["api_keys_file"] = _resolve(d["api"]["api_keys_file"], base_dir)
         d["queue"]["password_file"] = _resolve(d["queue"]["password_file"], base_dir)
         d["queue"]["local"]["data_dir"] = _resolve(d["queue"]["local"]["data_dir"], base_dir)
+        d["webhooks"]["secret_file"] = _resolve(d["webhooks"]["secret_file"], base_dir)
         return type(self).model_validate(d)
 
     def serve_config(self, config_path: str | Path | None = None) -> dict:

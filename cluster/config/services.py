@@ -2,6 +2,7 @@
 jobs and their webhooks."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -235,3 +236,46 @@ class JobsConfig(_Model):
 # an allowed_hosts entry that is not an address or network: a host name, "*.suffix" (any name ending so) or "*"
 HOST_PATTERN = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*)$")
 LOOPBACK_HOSTS = ("127.0.0.0/8", "::1", "localhost")
+
+
+class WebhooksConfig(_Model):
+    """Job webhooks (deployments/webhooks.py): the job record POSTed to a job's `webhook` URL on its events,
+    signed the Standard Webhooks way with a per-key secret derived from the server's webhook secret.
+
+    `allowed_hosts` decides which URLs a job may name, so that the server cannot be made to call into the
+    network it runs in. Every address the URL's host resolves to must be allowed: an address inside one of
+    the listed networks (CIDR or single address) is; a public (globally routable) address is when the host
+    name matches a listed name ("hooks.example.com", "*.example.com", or "*" for any). Private, link-local
+    (169.254.169.254), shared and reserved addresses are allowed only through a listed network.
+    """
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    secret_env: str = "IMAGINE_WEBHOOK_SECRET"  # the server's webhook secret, else ...
+    secret_file: str | None = ".imagine/webhook-secret"  # ... this file (its content, stripped)
+    timeout_s: float = Field(5.0, gt=0)  # per delivery attempt: connect, send, the response's status
+    max_attempts: int = Field(5, ge=1)  # per event, retries included (on connection errors, timeouts, 5xx, 429)
+    backoff_s: float = Field(0.5, ge=0)  # before the first retry; doubles for each next one
+    progress_every_s: float = Field(2.0, ge=0)  # at most one progress event per job this often
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for entry in v:
+            e = entry.strip().lower()
+            try:
+                ipaddress.ip_network(e, strict=False)
+                out.append(e)
+                continue
+            except ValueError:
+                pass
+            if not HOST_PATTERN.match(e.removesuffix(".")):
+                raise ValueError(f"allowed_hosts entry {entry!r} is neither an address or network (CIDR) nor a host "
+                                 "name pattern (a name, '*.suffix' or '*')")
+            out.append(e.removesuffix("."))
+        return tuple(out)
+
+    def server_secret(self) -> bytes | None:
+        """The server's webhook secret: the environment variable `secret_env`, else the content of `secret_file`
+        (relative to the working directory unless the config was resolved), stripped; None if neither is set."""
+        value = QueueConfig.read_password(self.secret_env, self.secret_file)
+        return value.encode() if value else None

@@ -79,6 +79,7 @@ def _check_in_cluster(cfg: ImagineConfig, k8s: K8sConfig) -> list[str]:
              "storage.credentials_file": cfg.storage.credentials_file,
              "storage.local.data_dir": cfg.storage.local.data_dir, "api.api_keys_file": cfg.api.api_keys_file,
              "queue.password_file": cfg.queue.password_file, "queue.local.data_dir": cfg.queue.local.data_dir,
+             "webhooks.secret_file": cfg.webhooks.secret_file,
              **{f"stages.{s}.model": cfg.stage(s).model for s in DEPLOYMENT_NAMES}}
     relative = [f"{k} ({v})" for k, v in paths.items() if v is not None and not PurePosixPath(v).is_absolute()]
     if relative:

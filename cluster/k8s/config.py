@@ -154,6 +154,7 @@ class Secrets(_Model):
     # the queue's Redis password: into the env var `queue.password_env` of every Ray pod, Redis' `requirepass`
     # (redis.mode statefulset) and the GCS fault tolerance's `redisPassword`
     redis: SecretKey = Field(default_factory=lambda: SecretKey(name="imagine-redis", key="password"))
+    webhooks: SecretKey | None = None  # into the env var `webhooks.secret_env` (jobs' webhooks are signed with it)
 
 
 class K8sRedis(_Model):

@@ -133,6 +133,8 @@ def _env(cfg: ImagineConfig, k8s: K8sConfig) -> list[dict]:
     if k8s.secrets.api_keys is not None:
         env.append(_secret_env(cfg.api.api_keys_env, k8s.secrets.api_keys.name, k8s.secrets.api_keys.key))
     env.append(_secret_env(cfg.queue.password_env, k8s.secrets.redis.name, k8s.secrets.redis.key))
+    if k8s.secrets.webhooks is not None:
+        env.append(_secret_env(cfg.webhooks.secret_env, k8s.secrets.webhooks.name, k8s.secrets.webhooks.key))
     return env
 
 

@@ -1,8 +1,11 @@
 """The HTTP API (FastAPI on Serve): routes, authentication and the mapping of errors to responses.
 
     POST /v1/images/generations   OpenAI Images API; enqueues the job and waits for its images
-    POST /v1/jobs                 enqueues, 202 + the queued record;  GET /v1/jobs/<id> (with the queue
-                                  position and ETA while queued), /events (SSE);  DELETE cancels
+    POST /v1/jobs                 enqueues, 202 + the queued record (init_image + strength: image-to-image;
+                                  webhook + webhook_events_filter);  GET /v1/jobs: the key's jobs, newest first
+    GET  /v1/jobs/<id>            the record (queue position and ETA while queued), /events (SSE); DELETE cancels
+    POST /v1/jobs/<id>/images/<i>/upscale | /variations, /v1/jobs/<id>/reroll: child jobs (U, V, reroll)
+    GET  /                        the web gallery
     GET  /healthz                 each stage's readiness (no auth)
 """
 
@@ -12,43 +15,40 @@ import json
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.jobs import JobNotFound, JobRecord, JobStore, check_job_id, new_job_id
+from cluster.jobs import JobNotFound, JobRecord, JobStore, check_job_id
 from cluster.storage import Storage, StorageError
-from pipeline.request import InvalidRequestError, check_limits
+from pipeline.request import InvalidRequestError
 from pipeline.spec import ModelInfo
 
-from .. import errors
-from .. import metrics as m
 from ..calls import StageHandles
 from ..common import parse_config
-from ..queue import enqueue
-from . import guard
+from . import gallery, guard
 from .guard import CountRequests, Guard, error_response, key_id
 from .health import HealthCache
+from .jobs import RETRY, JobMaker, call_redis, call_storage
 from .protocol import (
     APIError,
     GenerationBody,
     GenerationFailed,
     NotFound,
     OpenAIImagesBody,
-    Overloaded,
-    QueueUnavailable,
     StorageUnavailable,
     TimedOut,
+    VariationsBody,
 )
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="imagine", description="Text-to-image on Ray Serve (OpenAI Images API compatible).")
 SIZE_FIELDS = {"width": "size", "height": "size"}  # the pipeline's fields -> what the client sent
-RETRY = {"Retry-After": "5"}
 
 
+gallery.mount(app)                  # GET / and /static/*: the web gallery (no key needed for the page itself)
 app.add_middleware(Guard)           # inner: authentication and body size, before the body is read
 app.add_middleware(CountRequests)   # outer: every answer counted, 401 and 413 too
 
@@ -106,6 +106,8 @@ class Ingress:
         settings.auth, settings.keys = self.auth, [k.encode() for k in tiers]
         settings.keys_hint = self.cfg.api.api_keys_file or f"${self.cfg.api.api_keys_env}"
         settings.public_docs, settings.max_body_bytes = self.cfg.api.public_docs, self.cfg.api.max_body_bytes
+        self.jobs = JobMaker(self.cfg, self.info, self.store, self.queue, self.producer, self.key_tiers,
+                             webhooks_on=self.cfg.webhooks.server_secret() is not None)
         self.health = HealthCache(serve.get_replica_context().app_name, self.queue, self.store.storage)
         self._health_task = asyncio.get_event_loop().create_task(self.health.run())
 
@@ -132,13 +134,13 @@ class Ingress:
 
     @app.post("/v1/images/generations")
     async def images_generations(self, body: OpenAIImagesBody, request: Request):
-        record = await self._wait(await self._submit(body, request.state.key_id, default_n=1))
+        record = await self._wait(await self.jobs.imagine(body, request.state.key_id, default_n=1))
         if record.state != "succeeded":
             raise self._job_error(record)
         data = []
         for img in record.images:
             if body.response_format == "b64_json":
-                png = await self._storage_call(self.store.storage.get_bytes, img.key)
+                png = await call_storage(self.store.storage.get_bytes, img.key)
                 data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": record.request["prompt"]})
             else:
                 url = self.store.storage.presigned_url(img.key)
@@ -147,8 +149,49 @@ class Ingress:
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(self, body: GenerationBody, request: Request):
-        record = await self._submit(body, request.state.key_id, default_n=4)
+        record = await self.jobs.imagine(body, request.state.key_id, default_n=4)
         return await self._public(record)
+
+    @app.get("/v1/jobs")
+    async def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100), before: float | None = None):
+        """The caller's jobs, newest first; `next_before` pages on (the gallery's history)."""
+        rows = await call_redis(self.queue.key_jobs, request.state.key_id, before, limit) or []
+        records = []
+        for job_id, _ in rows:
+            try:
+                records.append(await self._public(await self._get_record(job_id)))
+            except NotFound:
+                continue
+        return {"jobs": records, "next_before": rows[-1][1] if len(rows) == limit else None}
+
+    @app.post("/v1/jobs/{job_id}/images/{index}/upscale", status_code=202)
+    async def upscale(self, job_id: str, index: int, request: Request):
+        """Midjourney's U: image `index` (from 1) larger, through the Upscaler, as a child job."""
+        return await self._child(job_id, "upscale", request, index)
+
+    @app.post("/v1/jobs/{job_id}/images/{index}/variations", status_code=202)
+    async def variations(self, job_id: str, index: int, request: Request, body: VariationsBody | None = None):
+        """Midjourney's V: four images that start from image `index` (strength 0.3 subtle, 0.6 strong)."""
+        return await self._child(job_id, "vary", request, index, (body or VariationsBody()).strength)
+
+    @app.post("/v1/jobs/{job_id}/reroll", status_code=202)
+    async def reroll(self, job_id: str, request: Request):
+        """The same prompt and settings with new seeds, as a child job."""
+        return await self._child(job_id, "reroll", request)
+
+    @app.get("/v1/webhooks/default/secret")
+    async def webhook_secret(self, request: Request):
+        """This key's webhook signing secret (Standard Webhooks' `whsec_...`), to verify deliveries with."""
+        from ..webhooks import key_secret
+        secret = self.cfg.webhooks.server_secret()
+        if secret is None:
+            raise NotFound("this server has no webhook secret configured", param="webhook")
+        return {"key": key_secret(secret, request.state.key_id)}
+
+    async def _child(self, job_id: str, action: str, request: Request, index: int | None = None,
+                     strength: float | None = None) -> dict:
+        parent = await self._get_record(job_id, live=False)
+        return await self._public(await self.jobs.child(parent, action, request.state.key_id, index, strength))
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str):
@@ -160,11 +203,11 @@ class Ingress:
         next step (the record says cancelled at once)."""
         record = await self._get_record(job_id)
         if not record.is_terminal():
-            record = await self._storage_call(self.store.cancel, job_id)
-            await self._redis(self.queue.request_cancel, job_id)
-            if await self._redis(self.queue.release, job_id):  # it was still waiting: nothing runs it now
-                await self._redis(self.queue.finish, job_id, "cancelled")
-            await self._redis(self.queue.publish, job_id, record.model_dump(mode="json"))
+            record = await call_storage(self.store.cancel, job_id)
+            await call_redis(self.queue.request_cancel, job_id)
+            if await call_redis(self.queue.release, job_id):  # it was still waiting: nothing runs it now
+                await call_redis(self.queue.finish, job_id, "cancelled")
+            await call_redis(self.queue.publish, job_id, record.model_dump(mode="json"))
         return await self._public(record)
 
     @app.get("/v1/jobs/{job_id}/events")
@@ -172,34 +215,6 @@ class Ingress:
         await self._get_record(job_id)  # 404 before the stream starts
         return StreamingResponse(self._events(job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-
-    # ---- admission ----------------------------------------------------------------------------
-    async def _submit(self, body: GenerationBody, key_id: str, default_n: int) -> JobRecord:
-        """Validate, admit into the queue (429 beyond its limits), write the record, enqueue; the queued record."""
-        req = body.to_request(default_n)
-        check_limits(req, **self.cfg.limits.model_dump())
-        resolved = self.info.resolve(req)
-        tier = body.priority or self.key_tiers.get(key_id) or self.cfg.queue.default_priority
-        job_id = new_job_id()
-        admission = await self._redis(self.queue.admit, job_id, key_id, tier, resolved.cost, required=True)
-        if not admission.ok:
-            limit = self.queue.max_queued_cost if admission.refused_by == "total" else \
-                self.queue.max_queued_cost_per_key
-            wait = await self._redis(self.queue.retry_after_s, admission.queued_cost + resolved.cost - limit) or 10
-            whose = "the queue" if admission.refused_by == "total" else "this API key's queued jobs"
-            raise Overloaded(f"{whose} already hold {admission.queued_cost} image-steps (limit {limit}); this job "
-                             f"needs {resolved.cost} (n x best_of x steps); retry later", code="queue_full",
-                             headers={"Retry-After": str(wait)})
-        try:
-            request = {**resolved.model_dump(), "model": self.info.spec.name}
-            record = await self._storage_call(self.store.create, request, job_id, priority=tier, key_id=key_id)
-            await self._redis(self.queue.publish, job_id, record.model_dump(mode="json"), required=True)
-            await self._redis(enqueue, self.producer, job_id, admission.level, required=True)
-        except BaseException:
-            await self._redis(self.queue.release, job_id)
-            raise
-        m.inc("imagine_jobs_submitted_total")
-        return record
 
     async def _wait(self, record: JobRecord) -> JobRecord:
         """The job's terminal record, following its events (504 after api.request_timeout_s; the job goes on)."""
@@ -221,11 +236,11 @@ class Ingress:
         except JobNotFound:
             raise NotFound(f"no job {job_id[:80]!r}", param="job_id") from None
         if live:
-            data = await self._redis(self.queue.live_record, job_id)
+            data = await call_redis(self.queue.live_record, job_id)
             if data is not None:
                 return JobRecord.model_validate(data)
         try:
-            return await self._storage_call(self.store.get, job_id)
+            return await call_storage(self.store.get, job_id)
         except JobNotFound:
             raise NotFound(f"no job {job_id!r}", param="job_id") from None
 
@@ -237,9 +252,9 @@ class Ingress:
             except StorageError as e:
                 logger.warning("could not presign URLs for %s: %s", record.id, e)
         elif record.state == "queued":
-            place = await self._redis(self.queue.position, record.id)
+            place = await call_redis(self.queue.position, record.id)
             if place is not None:
-                eta = await self._redis(self.queue.wait_estimate_s, place[1])
+                eta = await call_redis(self.queue.wait_estimate_s, place[1])
                 out |= {"queue_position": place[0], "queue_ahead_image_steps": place[1],
                         "eta_s": round(eta, 1) if eta is not None else None}
         return out
@@ -277,27 +292,6 @@ class Ingress:
                 quiet_since = time.monotonic()
             if record.is_terminal():
                 return
-
-    async def _storage_call(self, fn, *args, **kwargs):
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except JobNotFound:
-            raise
-        except StorageError as e:
-            raise StorageUnavailable(f"storage unavailable: {e}", code="storage_error", headers=RETRY) from e
-
-    async def _redis(self, fn, *args, required: bool = False):
-        """A queue call; when Redis cannot be reached: 503 with Retry-After if `required`, else None."""
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except Exception as e:
-            if not errors.is_broker_error(e):
-                raise
-            logger.warning("queue broker unavailable: %s", e)
-            if required:
-                raise QueueUnavailable("the job queue is unavailable; retry later", code="queue_unavailable",
-                                       headers=RETRY) from e
-            return None
 
     @staticmethod
     def _job_error(record: JobRecord) -> APIError:

@@ -2,8 +2,9 @@
 limit, and the count of HTTP requests by route template.
 
 Authentication compares the raw header bytes with each key in constant time (`hmac.compare_digest`), so any
-header, including one that is not ASCII, gets 401 JSON, never a 500. `/healthz` and `/readyz` never need a key;
-`/docs` and `/openapi.json` need one unless `api.public_docs` opens them. With authentication on and no key
+header, including one that is not ASCII, gets 401 JSON, never a 500. `/healthz`, `/readyz` and the gallery's
+page (`/`, `/static/*`: the page sends the key itself) never need a key; `/docs` and `/openapi.json` need one
+unless `api.public_docs` opens them. With authentication on and no key
 configured, every protected request is refused with a message saying what to do (fail closed).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from .. import metrics as m
 
-OPEN_PATHS = ("/healthz", "/readyz")
+OPEN_PATHS = ("/healthz", "/readyz", "/")  # and the gallery's files under /static/
 DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")
 
 
@@ -60,7 +61,7 @@ class Guard:
             return await self.app(scope, receive, send)
         s, path = self.settings, scope["path"]
         headers = dict(scope["headers"])
-        if path not in OPEN_PATHS and not (s.public_docs and path in DOC_PATHS):
+        if path not in OPEN_PATHS and not path.startswith("/static/") and not (s.public_docs and path in DOC_PATHS):
             problem = self._authenticate(scope, headers.get(b"authorization"))
             if problem is not None:
                 return await problem(scope, receive, send)

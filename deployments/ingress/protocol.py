@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.request import GenerationRequest, NumImages, Prompt, RequestOptions, request_from_text
 
@@ -40,6 +40,22 @@ GenerationFailed = _api_error("GenerationFailed", 500, "generation_error", "The 
 TimedOut = _api_error("TimedOut", 504, "timeout_error", "The job ran past its deadline.")
 
 
+class InitImage(BaseModel):
+    """An image-to-image start: one of your images (`job_id` + `index`, from 1), or a PNG (`png_base64`)."""
+    model_config = ConfigDict(extra="forbid")
+    job_id: str | None = Field(default=None, max_length=64)
+    index: int | None = Field(default=None, ge=1, le=64)
+    png_base64: str | None = Field(default=None, max_length=1_400_000)
+
+    @model_validator(mode="after")
+    def _one(self) -> "InitImage":
+        if (self.png_base64 is None) == (self.job_id is None):
+            raise ValueError("give either job_id and index, or png_base64")
+        if self.job_id is not None and self.index is None:
+            raise ValueError("index is needed with job_id")
+        return self
+
+
 class GenerationBody(RequestOptions):
     """Body of both endpoints. `size` is the delivered size; the diffuser samples size/upscale."""
 
@@ -47,6 +63,10 @@ class GenerationBody(RequestOptions):
     n: NumImages | None = None
     size: str | None = Field(default=None, max_length=32, description='"WxH", e.g. "128x128"; "auto" = the default')
     priority: Literal["fast", "relax"] | None = Field(default=None, description="queue tier; default: the key's")
+    init_image: InitImage | None = None
+    strength: float | None = Field(default=None, gt=0, le=1, description="image-to-image: how much changes")
+    webhook: str | None = Field(default=None, max_length=2048)
+    webhook_events_filter: list[Literal["start", "progress", "completed"]] | None = Field(default=None, max_length=3)
     model: str | None = OPENAI_TEXT
     quality: str | None = OPENAI_TEXT
     style: str | None = OPENAI_TEXT
@@ -63,6 +83,11 @@ class GenerationBody(RequestOptions):
         pipeline's). Raises InvalidRequestError."""
         options = self.model_dump(include=set(RequestOptions.model_fields))
         return request_from_text(self.prompt, size=self.size, n=self.n, default_n=default_n, **options)
+
+
+class VariationsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strength: float = Field(default=0.3, gt=0, le=1, description="0.3 subtle, 0.6 strong (Midjourney's two)")
 
 
 class OpenAIImagesBody(GenerationBody):

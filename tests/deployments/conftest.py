@@ -10,6 +10,7 @@ from cluster.config import ImagineConfig
 from cluster.launcher import Cluster, apply
 from cluster.raynode import local_env, ray_temp_dir
 from cluster.seaweed import find_free_port
+from pipeline.spec import BUILTIN_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,10 +44,14 @@ def app_config(tiny_model_dir, s3_server, redis_server, ray_cluster, tmp_path_fa
     key = "imk_test_" + secrets.token_hex(8)
     (state / "api_keys").write_text(f"{key}\nimk_other_{secrets.token_hex(8)}\n")
     (state / "redis-password").write_text(redis_server.password)
+    (state / "webhook-secret").write_text(secrets.token_urlsafe(24))
     (state / "s3.json").write_text(
         f'{{"access_key": "{s3_server.access_key}", "secret_key": "{s3_server.secret_key}"}}')
+    # IMAGINE_TEST_MODEL=builtin: the shipped model instead of the tiny random one, for real pictures in the
+    # gallery's screenshots (tests/deployments/test_gallery.py); the other tests expect the tiny model
+    model = str(BUILTIN_DIR) if os.environ.get("IMAGINE_TEST_MODEL") == "builtin" else str(tiny_model_dir)
     cfg = ImagineConfig.from_dict({
-        "model": str(tiny_model_dir),
+        "model": model,
         "cluster": {"http_port": find_free_port(), "dashboard_port": ray_cluster},
         "storage": {"endpoint_url": s3_server.endpoint_url, "bucket": "imagine-test", "credentials_file":
                     str(state / "s3.json"), "local": {"enabled": False}, "max_attempts": 1,
@@ -55,6 +60,7 @@ def app_config(tiny_model_dir, s3_server, redis_server, ray_cluster, tmp_path_fa
         "queue": {"redis_url": redis_server.url, "password_file": str(state / "redis-password"),
                   "local": {"enabled": False}, "max_queued_image_steps": 100000,
                   "max_queued_image_steps_per_key": 100000},
+        "webhooks": {"secret_file": str(state / "webhook-secret"), "backoff_s": 0.2, "progress_every_s": 0.5},
         "jobs": {"lease_s": 3.0, "stall_timeout_s": 10.0, "deadline_s": 240.0},
         "monitoring": {"metrics_export_port": find_free_port(), "prometheus_port": find_free_port()},
         "stages": {"diffuser": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
