@@ -13,13 +13,12 @@ denoising step of its batch and finally `{"image": (3, h, w) tensor}`.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 
 from ray import serve
 
 from deployments import metrics as m
-from deployments.common import parse_config, pick_device, setup_torch, start_metrics
+from deployments.common import TorchThread, parse_config, pick_device, start_metrics
 
 
 @serve.deployment(name="Diffuser")
@@ -28,14 +27,17 @@ class RequestLevelDiffuser:
         from pipeline.sampler import Sampler
         from pipeline.spec import PipelineSpec
 
+        from .sd15 import run_dtype
+
         t0 = time.perf_counter()
         cfg = parse_config(config)
         self.stage = cfg.stages.diffuser
-        setup_torch(self.stage)
+        self.torch = TorchThread()  # the shipped Diffuser's threading, so that only the batching differs
         device = pick_device(self.stage)
         self.metrics = start_metrics(device)
         spec = PipelineSpec.load(cfg.model_for("diffuser"))
-        self.sampler = Sampler.from_pretrained(spec.resolve_path(spec.diffusion), device=device)
+        self.sampler = self.torch.call(Sampler.from_pretrained, spec.resolve_path(spec.diffusion), device=device,
+                                       dtype=run_dtype(device))
         self.reconfigure(self.stage.user_config())
         self.metrics.loaded(time.perf_counter() - t0)
 
@@ -55,18 +57,18 @@ class RequestLevelDiffuser:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def request_batch(self, requests: list):
         self.metrics.batch(len(requests))
-        states = self.sampler.start(requests)
+        states = await self.torch.run(self.sampler.start, requests)
         while live := [s for s in states if not s.done]:
             await self._step(live)
             yield [{"progress": s.progress} for s in states]
-        images = await asyncio.to_thread(self.sampler.finish, states)
+        images = await self.torch.run(self.sampler.finish, states)
         m.inc("imagine_images_generated_total", len(images))
         yield [{"image": img.cpu()} for img in images]
 
     async def _step(self, live: list) -> None:
         """One denoising step for every live state, off the event loop, timed and counted."""
         start = time.perf_counter()
-        await asyncio.to_thread(self.sampler.step, live)
+        await self.torch.run(self.sampler.step, live)
         m.observe("imagine_denoising_step_seconds", time.perf_counter() - start)
         m.inc("imagine_denoising_steps_total", len(live))
 

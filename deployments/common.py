@@ -26,10 +26,39 @@ def start_metrics(device: str = "cpu"):
     return StageMetrics(device)
 
 
-def setup_torch(stage_cfg) -> None:
-    """One replica, its share of cores: follow the CPUs Ray gave it (OMP_NUM_THREADS)."""
+def torch_threads() -> int:
+    """The cores Ray gave this replica (it sets OMP_NUM_THREADS from num_cpus); 0 when unknown."""
+    return int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+
+
+def setup_torch(stage_cfg=None) -> None:
+    """The calling thread's torch settings for a replica's share of cores: denormals flushed (a per-thread
+    setting: erratic steps otherwise) and as many intra-op threads as the cores Ray gave it."""
     import torch
     torch.set_flush_denormal(True)
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads > 0:
+    if (threads := torch_threads()) > 0:
         torch.set_num_threads(threads)
+
+
+class TorchThread:
+    """The one thread on which a replica runs all of its torch work (load, encode, step, decode, upscale).
+
+    Each OS thread that enters a parallel torch op gets its own OpenMP team, and an idle team's threads spin
+    waiting for work: with torch work spread over `asyncio.to_thread`'s pool (and the event loop), a replica had
+    several teams whose spinning threads took the cores its working team needed (a 2-thread step on 2 cores ran
+    ~1.4x slower in a worker thread than alone, and 5x slower once a second team existed in the process). One
+    thread keeps one team, and keeps the event loop free for the streams while it steps.
+    """
+
+    def __init__(self, name: str = "torch"):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=setup_torch)
+
+    def call(self, fn, *args, **kwargs):
+        """Run `fn` on the torch thread and wait for it (for start-up code, off any event loop)."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    async def run(self, fn, *args, **kwargs):
+        """Run `fn` on the torch thread; the event loop goes on meanwhile."""
+        import asyncio
+        return await asyncio.wrap_future(self._pool.submit(fn, *args, **kwargs))

@@ -6,7 +6,8 @@ busy replica from a dead one), `{"progress": p}` as its denoising steps go and f
 `{"image": (3, h, w) tensor}`. One loop per replica runs the engine step of deployments/scheduler.py:
 the `StepScheduler` decides which requests step next (admission up to `max_batch_size` images, the `join`
 policy, priority, cancellation), this loop starts their sampler states, runs one batched `Sampler.step`
-(one UNet call per latent shape, classifier-free-guidance pairs in the same call) off the event loop,
+(one UNet call per latent shape, classifier-free-guidance pairs in the same call) on the replica's one torch
+thread (off the event loop: deployments/common.py TorchThread),
 decodes the finished ones and hands each caller its events. A request joins at the next step boundary and
 leaves after its own last step, so a 20-step request never waits behind a 50-step one; a caller that goes
 away (a cancelled job, a dropped stream) frees its slot at the next step.
@@ -104,7 +105,7 @@ class Diffuser(Stage):
         out = self.scheduler.schedule()
         for entry in out.admitted:
             try:
-                [entry.state] = self.sampler.start([entry.request])
+                [entry.state] = await self.torch.run(self.sampler.start, [entry.request])
             except Exception as e:  # a bad request fails alone
                 self.scheduler.fail(entry)
                 self._send(entry, e)
@@ -115,7 +116,7 @@ class Diffuser(Stage):
             self.metrics.batch(len(running))
             await self._step([e.state for e in running])
             done = [e for e in running if e.state.done]
-            images = await asyncio.to_thread(self.sampler.finish, [e.state for e in done]) if done else []
+            images = await self.torch.run(self.sampler.finish, [e.state for e in done]) if done else []
         except Exception as e:  # the whole step failed (e.g. out of memory): fail its requests
             logger.exception("denoising step failed for %d requests", len(running))
             for entry in running:
@@ -130,9 +131,10 @@ class Diffuser(Stage):
         self.scheduler.retire(done)
 
     async def _step(self, states: list) -> None:
-        """One denoising step for every state, off the event loop, timed and counted."""
+        """One denoising step for every state on the torch thread (the event loop serves the streams meanwhile),
+        timed and counted."""
         start = time.perf_counter()
-        await asyncio.to_thread(self.sampler.step, states)
+        await self.torch.run(self.sampler.step, states)
         m.observe("imagine_denoising_step_seconds", time.perf_counter() - start)
         m.inc("imagine_denoising_steps_total", len(states))
 

@@ -1,8 +1,9 @@
 """The base of the model stages (TextEncoder, Diffuser, Upscaler) and the Publisher: one way to start a replica.
 
-A replica reads its config section, sets torch up for its share of the machine, picks its device, starts its
-metrics, loads its model once (`load`, the subclass's), applies the live settings Serve hands to
-`reconfigure` (replica ceiling, batch sizes: changed in place by `imagine apply`) and reports its load time.
+A replica reads its config section, gives its torch work one thread set up for its share of the machine
+(`self.torch`, deployments/common.py TorchThread), picks its device, starts its metrics, loads its model once
+(`load`, the subclass's, on that thread), applies the live settings Serve hands to `reconfigure` (replica
+ceiling, batch sizes: changed in place by `imagine apply`) and reports its load time.
 
     @serve.deployment(name="Upscaler")
     class Upscaler(Stage):
@@ -16,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
-from .common import parse_config, pick_device, setup_torch, start_metrics
+from .common import TorchThread, parse_config, pick_device, start_metrics
 
 
 class Stage:
@@ -28,11 +29,13 @@ class Stage:
         t0 = time.perf_counter()
         self.cfg = parse_config(config)
         self.stage = self.cfg.stage(self.stage_name)
-        if self.uses_torch:
-            setup_torch(self.stage)
+        self.torch = TorchThread() if self.uses_torch else None  # all torch work runs on this one thread
         self.device = pick_device(self.stage) if self.uses_torch else "cpu"
         self.metrics = start_metrics(self.device)
-        self.load()
+        if self.torch is not None:
+            self.torch.call(self.load)
+        else:
+            self.load()
         self.reconfigure(self.stage.user_config())
         self.metrics.loaded(time.perf_counter() - t0)
 

@@ -1,8 +1,6 @@
 """TextEncoder deployment: prompts -> CLIP embeddings (batched), and the CLIP scorer beside it."""
 from __future__ import annotations
 
-import asyncio
-
 from ray import serve
 
 from .stage import Stage
@@ -27,11 +25,11 @@ class TextEncoder(Stage):
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, prompts: list[str]) -> list[tuple]:
         self.metrics.batch(len(prompts))
-        emb = await asyncio.to_thread(self.encoder.encode, prompts)
+        emb = await self.torch.run(self.encoder.encode, prompts)
         return [(emb.prompt_embeds[i].cpu(), emb.pooled[i].cpu()) for i in range(len(prompts))]
 
     async def rank(self, images, prompt: str) -> tuple[list[int], list[float]]:
         """CLIP ranking of candidates (N, 3, h, w) for a prompt, best first."""
         if self.scorer is None:
             return list(range(len(images))), [0.0] * len(images)
-        return await asyncio.to_thread(self.scorer.rank, images, prompt)
+        return await self.torch.run(self.scorer.rank, images, prompt)

@@ -20,6 +20,11 @@ class Upscaler(Stage):
     def configure(self, user_config: dict) -> None:
         self.upscaler.tile = user_config["tile"]
 
+    async def upscale_many(self, images, factor: int):
+        """(N, 3, h, w) -> (N, 3, h*f, w*f): each image joins the replica's batches (with other jobs' images)."""
+        import torch
+        return torch.stack(await asyncio.gather(*[self.upscale(img, factor) for img in images]))
+
     async def upscale(self, image, factor: int):
         """One (3, h, w) image -> (3, h*f, w*f), batched with other calls of the same factor and size."""
         async with self.metrics.call():
@@ -28,7 +33,7 @@ class Upscaler(Stage):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _upscale_batch(self, images: list, factors: list[int]) -> list:
         self.metrics.batch(len(images))
-        return await asyncio.to_thread(self._run, images, factors)
+        return await self.torch.run(self._run, images, factors)
 
     def _run(self, images, factors):
         import torch
