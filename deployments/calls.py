@@ -103,12 +103,17 @@ class StageCalls:
     async def rank(self, pixels, prompt: str):
         return await self.retrying("scorer", lambda: self.stages.text_encoder.rank.remote(pixels, prompt))
 
-    async def upscale(self, pixels, factor: int):
-        import torch
-        up = self.stages.upscaler
-        return torch.stack(await self.retrying("upscaler", lambda: asyncio.gather(
-            *[up.upscale.remote(p, factor) for p in pixels])))
-
-    async def publish(self, job_id: str, images, metadata: list[dict]) -> list[dict]:
-        """Write the PNGs (all or nothing; the same keys again on a retry)."""
-        return await self.retrying("publisher", lambda: self.stages.publisher.publish.remote(job_id, images, metadata))
+    async def upscale_and_publish(self, job_id: str, pixels, factor: int, metadata: list[dict],
+                                  on_publishing: Callable[[], Awaitable[None]]) -> list[dict]:
+        """Upscale the images (batched across jobs) and write the PNGs (all or nothing; the same keys again on a
+        retry). The calls are chained: the Upscaler's result goes to the Publisher as an argument, so the
+        largest tensors of a job travel through the object store and never through this replica."""
+        async def chain() -> list[dict]:
+            images = self.stages.upscaler.upscale_many.remote(pixels, factor) if factor > 1 else pixels
+            stream = self.stages.publisher.options(stream=True).publish.remote(job_id, images, metadata)
+            async for event in stream:
+                if "images" in event:
+                    return event["images"]
+                await on_publishing()  # the upscaled images reached the Publisher
+            raise RuntimeError("the Publisher's stream ended without its records")
+        return await self.retrying("upscaler/publisher", chain)

@@ -24,17 +24,19 @@ class Publisher(Stage):
         self.storage = Storage.from_config(self.cfg.storage)
         self.storage.ensure_bucket()
 
-    async def publish(self, job_id: str, images, metadata: list[dict]) -> list[dict]:
-        """Write images/<job_id>/<i>.png for each (3, H, W) image; all or nothing.
-
-        Returns one record per image (key, width, height, seed, score). On a storage error the
-        images already written for this job are deleted and the error propagates.
+    async def publish(self, job_id: str, images, metadata: list[dict]):
+        """Write images/<job_id>/<i>.png for each (3, H, W) image; all or nothing. A stream of two events:
+        `{"publishing": n}` once the images are here (when they come straight from the Upscaler as a chained
+        call's result, that is when the upscaling is done), then `{"images": records}`, one record per image
+        (key, width, height, seed, score). On a storage error the images already written for this job are
+        deleted and the error propagates.
         """
+        yield {"publishing": len(images)}
         async with self.metrics.call(len(images)):
             self.metrics.batch(len(images))
             records = await asyncio.to_thread(self._publish, job_id, images, metadata)
         m.inc("imagine_images_published_total", len(records))
-        return records
+        yield {"images": records}
 
     def _put(self, job_id: str, i: int, png: bytes, meta: dict) -> str:
         """One S3 write, timed and counted by outcome."""

@@ -161,15 +161,12 @@ class JobRunner:
             order, all_scores = await c.rank(pixels, req.prompt)
             keep = order[:req.n]
             pixels, seeds, scores = pixels[keep], [seeds[k] for k in keep], [all_scores[k] for k in keep]
-        # 4. upscaling (batched across jobs)
+        # 4.-5. upscaling (batched across jobs) chained to publishing: the PNGs to S3 (the same keys on a rerun)
         await self._update(job, force=True, stage="upscaler", progress=progress_at("upscaler"))
-        images = await c.upscale(pixels, req.upscale)
-        # 5. publishing: the PNGs to S3 (the same keys on a rerun), then the outcome
-        await self._update(job, force=True, stage="publisher", progress=progress_at("publisher"))
         meta = [{"seed": seed, "steps": req.steps, "guidance_scale": req.guidance_scale, "scheduler": req.scheduler,
                  "model": record.request.get("model"), "width": req.width, "height": req.height,
                  "upscale": req.upscale, "score": score} for seed, score in zip(seeds, scores)]
-        images = await c.publish(record.id, images, meta)
+        images = await c.upscale_and_publish(record.id, pixels, req.upscale, meta, self._publishing(job))
         job.record = self._with(job.record, state="succeeded", stage="done", progress=1.0, images=images)
 
     async def _upscale_stored(self, job: RunningJob, req) -> None:
@@ -181,12 +178,18 @@ class JobRunner:
         from PIL import Image
         w, h = Image.open(io.BytesIO(png)).size
         image = await self._stored_image(req.init_key, w, h, png)
-        images = await self.calls.upscale(image[None], req.upscale_only)
-        await self._update(job, force=True, stage="publisher", progress=progress_at("publisher"))
         meta = [{"seed": req.seed, "model": job.record.request.get("model"), "width": w * req.upscale_only,
                  "height": h * req.upscale_only, "upscale": req.upscale_only, "source": req.init_key}]
-        images = await self.calls.publish(job.record.id, images, meta)
+        images = await self.calls.upscale_and_publish(job.record.id, image[None], req.upscale_only, meta,
+                                                      self._publishing(job))
         job.record = self._with(job.record, state="succeeded", stage="done", progress=1.0, images=images)
+
+    def _publishing(self, job: RunningJob):
+        """The job's stage becomes `publisher` when its images reach the Publisher (once per run)."""
+        async def on_publishing() -> None:
+            if job.record.stage != "publisher":
+                await self._update(job, force=True, stage="publisher", progress=progress_at("publisher"))
+        return on_publishing
 
     async def _stored_image(self, key: str, width: int, height: int, png: bytes | None = None):
         """A stored PNG as a (3, height, width) tensor (the start of an image-to-image job)."""
