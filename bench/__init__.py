@@ -2,6 +2,7 @@
 
     imagine bench --quick          # about 9 minutes on 2 CPU cores: every part, short windows
     imagine bench                  # the full run (about 25 minutes on 2 CPU cores)
+    imagine bench --device cuda --model sd15-shaped --gpu-quick   # the GPU plan (about 7.5 min on one H200)
 
 What runs and how (`imagine bench --help`): the in-process ceiling, then the reference design
 (`reference.py`) and our graph with request-level (`request_level.py`) and step-level batching, deployed
@@ -20,6 +21,7 @@ Not part of the product: bench imports pipeline/, cluster/ and deployments/, nev
     cli.py            the `imagine bench` command
     reference.py      the reference app (Ray Serve's Stable Diffusion example design)
     request_level.py  the request-level batching baseline (a Diffuser batching whole requests)
+    sd15.py           SD-1.5-shaped model folders with random weights (sd15-shaped, sd15-tiny) for the GPU plan
 
 Importing bench's modules loads neither torch nor Ray (reference.py and request_level.py aside: they are
 the deployments, loaded only when a served mode is deployed).

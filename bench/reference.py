@@ -78,7 +78,10 @@ class ReferencePipeline:
         cfg = parse_config(config)
         stage = cfg.stages.diffuser  # the reference replica gets the Diffuser's resources
         setup_torch(stage)
-        self.pipe = Pipeline.load(cfg.model_for("diffuser"), device=pick_device(stage))
+        from .sd15 import run_dtype
+
+        device = pick_device(stage)
+        self.pipe = Pipeline.load(cfg.model_for("diffuser"), device=device, dtype=run_dtype(device))
         self.storage = Storage.from_config(cfg.storage)
         self.storage.ensure_bucket()
 
@@ -106,10 +109,11 @@ class ReferenceIngress:
 
 
 def build_reference_app(cfg: ImagineConfig):
-    """The reference application: the ingress with our Ingress's options, one pipeline deployment with
-    the Diffuser's replicas and resources."""
+    """The reference application: the ingress with our Ingress's options (less its `user_config`: the job queue's
+    admission limits, which the reference has no queue for and no `reconfigure` to take), one pipeline deployment
+    with the Diffuser's replicas and resources."""
     stage = cfg.stages.diffuser
     pipeline = ReferencePipeline.options(num_replicas=stage.num_replicas or 1,
                                          ray_actor_options=stage.ray_actor_options.to_ray())
-    return ReferenceIngress.options(**deployment_options(cfg, "ingress")).bind(
-        pipeline.bind(cfg.model_dump(mode="json")))
+    ingress = {k: v for k, v in deployment_options(cfg, "ingress").items() if k != "user_config"}
+    return ReferenceIngress.options(**ingress).bind(pipeline.bind(cfg.model_dump(mode="json")))

@@ -38,6 +38,9 @@ class RequestLevelDiffuser:
         spec = PipelineSpec.load(cfg.model_for("diffuser"))
         self.sampler = self.torch.call(Sampler.from_pretrained, spec.resolve_path(spec.diffusion), device=device,
                                        dtype=run_dtype(device))
+        if self.stage.compile != "off":  # the shipped Diffuser's compiled UNet, so that only the batching differs
+            from pipeline.compiled import compile_for_spec
+            self.torch.call(compile_for_spec, self.sampler, spec, self.stage.compile, 2 * self.stage.max_batch_size)
         self.reconfigure(self.stage.user_config())
         self.metrics.loaded(time.perf_counter() - t0)
 

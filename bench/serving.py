@@ -18,10 +18,16 @@ from .load import Send, graph_sender, reference_sender, run_closed_loop, run_ope
 from .stats import cpu_seconds_by_process, cpu_share, diffuser_counters, diffuser_use, latency_stats, window_throughput
 from .workload import APP_NAME, Plan, arrival_rates, poisson_schedule
 
+# --device cuda: the model stages (and the reference's pipeline replica, which takes the Diffuser's resources)
+# share ONE GPU: the Diffuser half of it, the text encoder and the upscaler a quarter each
+GPU_SHARES = {"diffuser": 0.5, "text_encoder": 0.25, "upscaler": 0.25}
 
-def bench_config(model: str | None, s3, redis, work: Path, http_port: int, metrics_port: int):
+
+def bench_config(model: str | None, s3, redis, work: Path, http_port: int, metrics_port: int, device: str = "cpu",
+                 diffuser: dict | None = None):
     """The graph's config: one Diffuser replica with every core, the other stages at their defaults, auth off,
-    a queue with no admission limit that a benchmark would hit (the bench measures the serving, not the 429s)."""
+    a queue with no admission limit that a benchmark would hit (the bench measures the serving, not the 429s).
+    On `device` "cuda" the model stages run there, on shares of one GPU (GPU_SHARES)."""
     from cluster.config import ImagineConfig
     creds = work / "s3-credentials.json"
     creds.touch(mode=0o600)
@@ -29,6 +35,15 @@ def bench_config(model: str | None, s3, redis, work: Path, http_port: int, metri
     password = work / "redis-password"
     password.touch(mode=0o600)
     password.write_text(redis.password)
+    # the closed loop's 12 clients' jobs all run at once, as they did before the queue (the Diffuser's own
+    # scheduler decides what steps together)
+    stages = {"diffuser": {"ray_actor_options": {"num_cpus": os.cpu_count() or 1}, **(diffuser or {})},
+              "job_runner": {"max_ongoing_requests": 64}}
+    if device == "cuda":
+        for name, share in GPU_SHARES.items():
+            stage = stages.setdefault(name, {})
+            stage["device"] = "cuda"
+            stage.setdefault("ray_actor_options", {})["num_gpus"] = share
     return ImagineConfig.from_dict({
         "model": model,
         "cluster": {"app_name": APP_NAME, "http_port": http_port},
@@ -39,24 +54,22 @@ def bench_config(model: str | None, s3, redis, work: Path, http_port: int, metri
         "queue": {"redis_url": redis.url, "password_file": str(password), "password_env": "IMAGINE_BENCH_REDIS",
                   "local": {"enabled": False}, "max_queued_image_steps": 10**9,
                   "max_queued_image_steps_per_key": 10**9},
-        # the closed loop's 12 clients' jobs all run at once, as they did before the queue (the Diffuser's own
-        # scheduler decides what steps together)
-        "stages": {"diffuser": {"ray_actor_options": {"num_cpus": os.cpu_count() or 1}},
-                   "job_runner": {"max_ongoing_requests": 64}},
+        "stages": stages,
         "monitoring": {"enabled": False, "metrics_export_port": metrics_port},  # no Prometheus; Ray's port
     })
 
 
 def replica_layout(cfg) -> dict:
     from cluster.config import DEPLOYMENT_NAMES
-    return {name: {"replicas": cfg.stage(name).num_replicas, "num_cpus": cfg.stage(name).ray_actor_options.num_cpus}
-            for name in DEPLOYMENT_NAMES}
+    return {name: {"replicas": cfg.stage(name).num_replicas, "num_cpus": cfg.stage(name).ray_actor_options.num_cpus,
+                   "num_gpus": cfg.stage(name).ray_actor_options.num_gpus} for name in DEPLOYMENT_NAMES}
 
 
 @contextlib.contextmanager
-def local_cluster(work: Path, model: str | None):
+def local_cluster(work: Path, model: str | None, device: str = "cpu", diffuser: dict | None = None):
     """A local S3 server, Ray (temp dir in the work area) and Serve's HTTP proxy on a free port; yields the
-    graph's config. Everything is stopped, and the S3 data removed, on exit."""
+    graph's config. Ray gets one GPU for `device` "cuda" (the first one), none for "cpu". Everything is
+    stopped, and the S3 data removed, on exit."""
     import ray
     from ray import serve
 
@@ -72,14 +85,15 @@ def local_cluster(work: Path, model: str | None):
     s3.start()
     redis.start()
     try:
-        cfg = bench_config(model, s3, redis, work, find_free_port(), find_free_port())
+        cfg = bench_config(model, s3, redis, work, find_free_port(), find_free_port(), device, diffuser)
         # Ray runs its workers at nice 15 by default: they would yield the cores to this process's load
         # generator and to Ray's own daemons, which the in-process ceiling never has to. Same priority here.
         os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="0",
                           RAY_metrics_report_interval_ms="1000")  # the Diffuser's counters, fresh within ~1 s
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line per deploy in the progress
         cpus = math.ceil(sum(cfg.stage(n).ray_actor_options.num_cpus for n in DEPLOYMENT_NAMES)) + 1
-        ray.init(num_cpus=cpus, include_dashboard=False, dashboard_port=find_free_port(),  # not a running `up`'s
+        ray.init(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0, include_dashboard=False,
+                 dashboard_port=find_free_port(),  # not a running `up`'s
                  _temp_dir=str(ray_temp_dir(work / "ray")), _metrics_export_port=cfg.monitoring.metrics_export_port,
                  logging_level="WARNING", log_to_driver=False)
         try:

@@ -100,4 +100,6 @@ def diffuser_use(before: dict, after: dict, wall_s: float) -> dict:
     return {"mean_batch_images": round(d["image_steps"] / d["steps"], 2) if d["steps"] else None,
             "stepping_fraction": round(d["step_seconds"] / wall_s, 3),
             "image_steps_per_s": round(d["image_steps"] / wall_s, 2),
-            "s_per_image_step": round(d["step_seconds"] / d["image_steps"], 4) if d["image_steps"] else None}
+            "s_per_image_step": round(d["step_seconds"] / d["image_steps"], 4) if d["image_steps"] else None,
+            # the served step rate: image-steps per second of stepping (what raw sampling is compared with)
+            "image_steps_per_stepping_s": round(d["image_steps"] / d["step_seconds"], 3) if d["step_seconds"] else None}

@@ -31,7 +31,16 @@ class Plan:
 QUICK = Plan("quick", fractions=(0.3, 0.7), clients=12, warmup_s=5, closed_window_s=15, open_window_s=15,
              max_requests=10, drain_s=90, ceiling_batch_sizes=(8, 16))
 FULL = Plan("full", fractions=(0.3, 0.5, 0.7, 0.9), clients=12, warmup_s=10, closed_window_s=45,
-            open_window_s=60, max_requests=40, drain_s=180, ceiling_batch_sizes=(1, 2, 4, 8, 16))
+            open_window_s=60, max_requests=40, drain_s=180, ceiling_batch_sizes=(1, 2, 4, 8, 16, 32))
+# One GPU, the SD-1.5-shaped model at its native 512x512 (`imagine bench --device cuda --model sd15-shaped
+# --gpu-quick`), the same mix of 20/50 steps: sized from SD-1.5's known speed (about 20 steps/s for one image at
+# batch 1 in fp16 on an A100, about twice that per image batched), the whole run takes about 7.5 minutes on one
+# H200-class GPU (an A100 about 8.5), plus about a minute the first time to write the model. Eight clients keep
+# about 20 images in flight, more than the Diffuser's 16-image batch; the sweep reaches that batch size, so the
+# served step rate can be set against raw sampling at the batch size the Diffuser ran.
+GPU_QUICK = Plan("gpu-quick", fractions=(0.3, 0.7), clients=8, warmup_s=10, closed_window_s=30, open_window_s=15,
+                 max_requests=8, drain_s=45, ceiling_batch_sizes=(1, 4, 8, 16))
+PLANS = {"quick": QUICK, "full": FULL, "gpu-quick": GPU_QUICK}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,12 @@ def pick_device(stage_cfg) -> str:
     return "cpu"
 
 
+def torch_dtype(device: str):
+    """The dtype a stage runs its nets in: float16 on a GPU (as Stable Diffusion is served), float32 on a CPU."""
+    import torch
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
 def start_metrics(device: str = "cpu"):
     """This replica's StageMetrics (see deployments/metrics.py)."""
     from .metrics import StageMetrics

@@ -21,6 +21,7 @@ import time
 from ray import serve
 
 from . import metrics as m
+from .common import torch_dtype
 from .scheduler import Entry, StepScheduler
 from .stage import Stage
 
@@ -36,7 +37,12 @@ class Diffuser(Stage):
     def load(self) -> None:
         from pipeline.sampler import Sampler
         spec = self.model_spec()
-        self.sampler = Sampler.from_pretrained(spec.resolve_path(spec.diffusion), device=self.device)
+        self.sampler = Sampler.from_pretrained(spec.resolve_path(spec.diffusion), device=self.device,
+                                              dtype=torch_dtype(self.device))
+        if self.stage.compile != "off":  # every batch-size bucket of the default size compiles now
+            from pipeline.compiled import compile_for_spec
+            seconds = compile_for_spec(self.sampler, spec, self.stage.compile, 2 * self.stage.max_batch_size)
+            logger.info("compiled the UNet (%s) in %.1fs", self.stage.compile, seconds)
         self.scheduler = StepScheduler()
         self._events: dict[Entry, asyncio.Queue] = {}
         self._reported: dict[Entry, float] = {}  # when each request's last progress event went out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from .common import torch_dtype
 from .stage import Stage
 
 
@@ -14,7 +15,7 @@ class TextEncoder(Stage):
     def load(self) -> None:
         from pipeline.generate import load_text_encoder
         from pipeline.scorer import Scorer
-        self.encoder = load_text_encoder(self.model_spec(), self.device)
+        self.encoder = load_text_encoder(self.model_spec(), self.device, torch_dtype(self.device))
         self.scorer = Scorer.from_text_encoder(self.encoder) if hasattr(self.encoder.model, "visual") else None
 
     async def encode(self, prompt: str) -> tuple:

@@ -5,6 +5,7 @@ import asyncio
 
 from ray import serve
 
+from .common import torch_dtype
 from .stage import Stage
 
 
@@ -15,7 +16,7 @@ class Upscaler(Stage):
 
     def load(self) -> None:
         from pipeline.generate import load_upscaler
-        self.upscaler = load_upscaler(self.model_spec(), self.device)
+        self.upscaler = load_upscaler(self.model_spec(), self.device, torch_dtype(self.device))
 
     def configure(self, user_config: dict) -> None:
         self.upscaler.tile = user_config["tile"]

@@ -47,11 +47,12 @@ class Pipeline:
         self.info = ModelInfo(spec)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device="cpu", max_batch_size: int = 16) -> "Pipeline":
+    def load(cls, path: str | Path | None = None, device="cpu", max_batch_size: int = 16,
+             dtype: torch.dtype = torch.float32) -> "Pipeline":
         spec = PipelineSpec.load(path)
-        text_encoder = load_text_encoder(spec, device)
-        sampler = Sampler.from_pretrained(spec.resolve_path(spec.diffusion), device=device)
-        upscaler = load_upscaler(spec, device)
+        text_encoder = load_text_encoder(spec, device, dtype)
+        sampler = Sampler.from_pretrained(spec.resolve_path(spec.diffusion), device=device, dtype=dtype)
+        upscaler = load_upscaler(spec, device, dtype)
         scorer = Scorer.from_text_encoder(text_encoder) if hasattr(text_encoder.model, "visual") else None
         return cls(spec, text_encoder, sampler, upscaler, scorer, max_batch_size)
 
@@ -133,24 +134,25 @@ def parse_request(r: GenerationRequest | dict) -> GenerationRequest:
         raise InvalidRequestError(".".join(map(str, err["loc"])) or "request", err["msg"]) from e
 
 
-def load_text_encoder(spec: PipelineSpec, device) -> TextEncoder:
+def load_text_encoder(spec: PipelineSpec, device, dtype: torch.dtype = torch.float32) -> TextEncoder:
     te = spec.text_encoder
     if te.path is not None:
-        return TextEncoder.from_pretrained(spec.resolve_path(te.path), layer=te.layer, device=device)
+        return TextEncoder.from_pretrained(spec.resolve_path(te.path), layer=te.layer, device=device, dtype=dtype)
     if te.open_clip_model is None:
         raise ValueError(f"model {spec.name}: text_encoder needs a path or an open_clip_model")
     ckpt = spec.resolve_path(te.checkpoint) if te.checkpoint else None
     model = te.open_clip_model
     if model.endswith(".json"):
         model = str(spec.resolve_path(model))
-    return TextEncoder.from_open_clip(model, ckpt, layer=te.layer, device=device)
+    return TextEncoder.from_open_clip(model, ckpt, layer=te.layer, device=device, dtype=dtype)
 
 
-def load_upscaler(spec: PipelineSpec, device) -> Upscaler:
+def load_upscaler(spec: PipelineSpec, device, dtype: torch.dtype = torch.float32) -> Upscaler:
     if spec.upscaler is None:
         return Upscaler.bicubic(spec.upscaler_scale)
     path = spec.resolve_path(spec.upscaler)
-    return Upscaler.from_folder(path, device=device) if path.is_dir() else Upscaler.from_file(path, device=device)
+    load = Upscaler.from_folder if path.is_dir() else Upscaler.from_file
+    return load(path, device=device, dtype=dtype)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

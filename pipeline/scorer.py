@@ -40,10 +40,11 @@ class Scorer:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 3, S, S) normalized for the image tower."""
-        x = images.to(self.device, torch.float32)
+        x = images.to(self.device, torch.float32)  # (resized in float32, then the tower's own dtype)
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bicubic", antialias=True, align_corners=False)
-        return (x.clamp(0, 1) - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        return ((x.clamp(0, 1) - self.mean) / self.std).to(dtype)
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ class Scorer:
 
     def score(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         """Cosine similarity of each image with one prompt: (B,)."""
-        return (self.image_features(images) @ self.text_features([prompt]).T)[:, 0].cpu()
+        return (self.image_features(images) @ self.text_features([prompt]).T)[:, 0].float().cpu()
 
     def rank(self, images: torch.Tensor, prompt: str) -> tuple[list[int], list[float]]:
         """Indices of `images` best-first for `prompt`, and every image's score (input order)."""

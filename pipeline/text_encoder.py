@@ -46,12 +46,14 @@ class TextEncoder:
         tokenizer: the matching open_clip tokenizer (callable: list[str] -> LongTensor (B, T)).
         layer: "last" or "penultimate": which transformer layer's states go to cross-attention.
         device: torch device for inference.
+        dtype: the weights' dtype there (float16 on a GPU; outputs are float32 either way).
     """
 
-    def __init__(self, model, tokenizer, layer: str = "last", device: str | torch.device = "cpu"):
+    def __init__(self, model, tokenizer, layer: str = "last", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
         if layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
-        self.model = model.to(device).eval().requires_grad_(False)
+        self.model = model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.layer = layer
         self.device = torch.device(device)
@@ -63,17 +65,18 @@ class TextEncoder:
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str | Path, layer: str = "last", device="cpu") -> "TextEncoder":
+    def from_pretrained(cls, folder: str | Path, layer: str = "last", device="cpu",
+                        dtype: torch.dtype = torch.float32) -> "TextEncoder":
         """Load a folder in open_clip's hub layout (the built-in model is one)."""
         folder = Path(folder)
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{folder} has no open_clip_config.json: not an open_clip model folder")
         model = open_clip.create_model(f"local-dir:{folder}", load_weights=True)
-        return cls(model, load_tokenizer(folder), layer=layer, device=device)
+        return cls(model, load_tokenizer(folder), layer=layer, device=device, dtype=dtype)
 
     @classmethod
     def from_open_clip(cls, model_name: str, checkpoint: str | Path | None, layer: str = "last",
-                       device="cpu") -> "TextEncoder":
+                       device="cpu", dtype: torch.dtype = torch.float32) -> "TextEncoder":
         """Any open_clip architecture plus a local checkpoint file.
 
         Args:
@@ -88,7 +91,7 @@ class TextEncoder:
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"open_clip checkpoint not found: {checkpoint}")
         model = open_clip.create_model(model_name, pretrained=str(checkpoint) if checkpoint else None)
-        return cls(model, open_clip.get_tokenizer(model_name), layer=layer, device=device)
+        return cls(model, open_clip.get_tokenizer(model_name), layer=layer, device=device, dtype=dtype)
 
     # ---- inference -----------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:

@@ -144,6 +144,10 @@ class DiffuserConfig(_BatchedStage):
     max_ongoing_requests: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
+    # torch.compile of the UNet at replica start (pipeline/compiled.py: batch sizes bucketed to powers of two up
+    # to 2 x max_batch_size rows): "off", "default" (inductor), "reduce-overhead" (+ CUDA graphs on a GPU),
+    # "max-autotune". A start-up cost (every bucket compiles once) for a faster step; see the README.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 
 
 class UpscalerConfig(_BatchedStage):
