@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_generation_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("prompt", help="what to draw (may carry --ar/--seed/--no/--steps/--cfg/--n flags)")
+    g.add_argument("prompt", help="what to draw (may carry --ar/--seed/--no/--steps/--cfg/--n/--chaos flags)")
     g.add_argument("--negative", default="", help="what not to draw (negative prompt)")
     g.add_argument("--n", type=int, default=None, help="number of images (default: 4, a 2x2 grid)")
     g.add_argument("--size", default=None, help="WxH of the delivered image (default: the model's)")
@@ -118,6 +118,7 @@ def _add_generation_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random)")
     g.add_argument("--upscale", type=int, default=None, choices=(1, 2, 4), help="super-resolution factor")
     g.add_argument("--best-of", type=int, default=1, help="sample n*best_of and keep the n CLIP ranks best")
+    g.add_argument("--chaos", type=int, default=None, help="0-100: how different the images are (default: 0)")
     g.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out/)")
     g.add_argument("--config", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
     g.add_argument("--endpoint", default=None, help="API endpoint (default: from the config)")
@@ -129,7 +130,7 @@ def _add_generation_args(g: argparse.ArgumentParser) -> None:
 def _fields(args) -> dict:
     body = {"negative_prompt": args.negative, "n": args.n, "size": args.size, "steps": args.steps,
             "guidance_scale": args.cfg, "scheduler": args.scheduler, "seed": args.seed,
-            "upscale": args.upscale, "best_of": args.best_of}
+            "upscale": args.upscale, "best_of": args.best_of, "chaos": args.chaos}
     return {k: v for k, v in body.items() if v not in (None, "")}
 
 

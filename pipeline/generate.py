@@ -108,7 +108,8 @@ def make_sample_requests(req: ResolvedRequest, emb: PromptEmbeds, init_image: to
         pooled=emb.pooled[0], negative_pooled=emb.pooled[1],
         height=req.sample_height, width=req.sample_width, num_inference_steps=req.steps,
         guidance_scale=req.guidance_scale, scheduler=req.scheduler, seed=seed, init_image=init_image,
-        strength=req.strength if init_image is not None else 1.0) for seed in req.seeds()]
+        strength=req.strength if init_image is not None else 1.0,
+        guidance_interval=tuple(req.guidance_interval), early_guidance=req.early_guidance) for seed in req.seeds()]
 
 
 def image_tensor(png: bytes, width: int, height: int) -> torch.Tensor:

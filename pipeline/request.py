@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # hard caps of one request (a server's config may set lower ones: cluster/config.py `Limits`)
 MAX_PROMPT_CHARS = 1000
@@ -37,6 +37,24 @@ SchedulerName = Literal[SCHEDULER_NAMES]
 Upscale = Literal[1, 2, 4]
 BestOf = Annotated[int, Field(ge=1, le=MAX_BEST_OF, description="sample n*best_of, keep the n CLIP ranks best")]
 Side = Annotated[int, Field(gt=0, le=MAX_SIDE)]
+MAX_CHAOS = 100
+Chaos = Annotated[int, Field(ge=0, le=MAX_CHAOS, description="0-100: how different the images of one request are "
+                                                            "(Midjourney's --chaos); 0 = the model's default")]
+NoiseLevel = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _ordered(interval: tuple[float, float]) -> tuple[float, float]:
+    if interval[0] > interval[1]:
+        raise ValueError(f"guidance_interval must be (lo, hi) with lo <= hi, got {tuple(interval)}")
+    return interval
+
+
+EarlyGuidance = Annotated[float, Field(ge=0.0, le=1.0, description=(
+    "the guidance above guidance_interval (the noisiest steps): 1 = the conditional prediction alone, below 1 "
+    "mixes the unconditional one in (looser layouts)"))]
+GuidanceInterval = Annotated[tuple[NoiseLevel, NoiseLevel], AfterValidator(_ordered), Field(
+    description="(lo, hi): guidance_scale applies only at noise levels t/T in (lo, hi] (1 = pure noise); above hi "
+                "early_guidance, below lo the conditional prediction alone (guidance 1). (0, 1) = every step")]
 
 
 class InvalidRequestError(ValueError):
@@ -59,6 +77,9 @@ class RequestOptions(BaseModel):
     seed: Seed | None = None
     upscale: Upscale | None = Field(default=None, description="super-resolution factor")
     best_of: BestOf = 1
+    guidance_interval: GuidanceInterval | None = None
+    early_guidance: EarlyGuidance | None = None
+    chaos: Chaos | None = None
 
 
 class GenerationRequest(RequestOptions):
@@ -103,6 +124,9 @@ class ResolvedRequest(BaseModel):
     seed: int
     upscale: int
     best_of: int
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # as applied, chaos included (pipeline/sampler.py)
+    early_guidance: float = 1.0  # the guidance above the interval, chaos included (pipeline/sampler.py)
+    chaos: int = 0
     init_key: str | None = None  # image-to-image: the stored image (S3 key) the samples start from
     strength: float = 1.0        # with init_key: the part of the schedule that runs (SDEdit)
     upscale_only: int | None = None  # an upscale job: this factor on init_key's image, no sampling
@@ -128,7 +152,7 @@ FLAG = re.compile(r"\s--(\w[\w-]*)(?:\s+((?:(?!\s--\w).)*))?", re.S)
 FLAG_FIELDS: dict[str, tuple[str, type]] = {
     "seed": ("seed", int), "steps": ("steps", int), "cfg": ("guidance_scale", float), "n": ("n", int),
     "no": ("negative_prompt", str), "ar": ("aspect_ratio", str), "upscale": ("upscale", int),
-    "best-of": ("best_of", int), "best_of": ("best_of", int)}
+    "best-of": ("best_of", int), "best_of": ("best_of", int), "chaos": ("chaos", int), "c": ("chaos", int)}
 _SIZE = re.compile(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*")
 _RATIO = re.compile(r"\s*(\d{1,4}(?:\.\d{1,4})?)\s*:\s*(\d{1,4}(?:\.\d{1,4})?)\s*")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .request import GenerationRequest, InvalidRequestError, ResolvedRequest, parse_aspect_ratio
+from .request import GenerationRequest, GuidanceInterval, InvalidRequestError, ResolvedRequest, parse_aspect_ratio
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -33,6 +33,25 @@ class Defaults(BaseModel):
     steps: int = 20
     guidance_scale: float = 4.0
     scheduler: str = "dpmpp_2m"
+    guidance_interval: GuidanceInterval = (0.0, 1.0)  # (lo, hi]: the noise levels t/T that get guidance_scale
+    early_guidance: float = Field(1.0, ge=0.0, le=1.0, description=(
+        "the guidance above the interval (the noisiest steps): 1 = the conditional prediction alone; below 1 "
+        "the unconditional one is mixed in, loosening the layout"))
+    chaos_interval_hi: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "--chaos 100 lowers the interval's top to this (linearly from the request's own at chaos 0)"))
+    chaos_early_guidance: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "--chaos 100 lowers the early guidance to this (linearly from the request's own at chaos 0)"))
+
+    def chaos_guidance(self, chaos: int, interval: tuple[float, float] | None = None,
+                       early_guidance: float | None = None) -> tuple[tuple[float, float], float]:
+        """What --chaos `chaos` (0-100) does to guidance: (the guidance interval, the early guidance), from
+        `interval` and `early_guidance` (default: the model's) at chaos 0 towards the chaos_* settings at 100,
+        linearly; a request already looser than those keeps its own (chaos never tightens guidance)."""
+        lo, hi = self.guidance_interval if interval is None else interval
+        early = self.early_guidance if early_guidance is None else early_guidance
+        c = chaos / 100
+        top = round(hi + c * (min(hi, self.chaos_interval_hi) - hi), 6)
+        return (min(lo, top), top), round(early + c * (min(early, self.chaos_early_guidance) - early), 6)
 
 
 class PipelineSpec(BaseModel):
@@ -127,4 +146,6 @@ class ModelInfo:
             guidance_scale=d.guidance_scale if req.guidance_scale is None else req.guidance_scale,
             scheduler=req.scheduler or d.scheduler,
             seed=secrets.randbelow(2**32) if req.seed is None else req.seed,
-            upscale=upscale, best_of=req.best_of)
+            upscale=upscale, best_of=req.best_of,
+            chaos=req.chaos or 0, **dict(zip(("guidance_interval", "early_guidance"), d.chaos_guidance(
+                req.chaos or 0, req.guidance_interval, req.early_guidance))))

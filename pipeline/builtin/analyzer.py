@@ -61,7 +61,10 @@ class Analysis:
     the measured colour to the chosen palette colour (small = confident).
     ``shape_confidence``: in [0, 1], 0 on a decision boundary between two
     shape prototypes, 1 on a prototype.  ``area_fraction``: mask area over
-    image area.
+    image area.  ``cx``, ``cy``, ``size``: the mask's bounding-box centre and
+    half-extent (mean of half width and half height) in normalized image
+    coordinates, the analyzer's reading of :class:`~pipeline.builtin.domain.Scene`'s
+    geometry (``None`` when no shape is found).
     """
 
     shape: str | None
@@ -74,6 +77,9 @@ class Analysis:
     shape_confidence: float = 0.0
     color_distance: float = float("inf")
     background_distance: float = float("inf")
+    cx: float | None = None
+    cy: float | None = None
+    size: float | None = None
 
     @property
     def combo(self) -> tuple[str, str, str] | None:
@@ -211,6 +217,17 @@ def shape_features(mask: np.ndarray) -> tuple[float, float, float]:
     return fill, taper, diagonal_extent(mask)
 
 
+def shape_geometry(mask: np.ndarray) -> tuple[float, float, float]:
+    """``(cx, cy, size)`` of a non-empty mask in normalized coordinates: the bounding box's centre and its
+    half-extent (the mean of half its width and half its height), as :class:`~pipeline.builtin.domain.Scene`
+    defines them for all three shapes (the triangle's box is centred on its ``(cx, cy)`` too)."""
+    h, w = mask.shape
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    x0, x1, y0, y1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
+    return (float(x0 + x1) / (2 * w), float(y0 + y1) / (2 * h), float((x1 - x0) / w + (y1 - y0) / h) / 4)
+
+
 def diagonal_extent(mask: np.ndarray) -> float:
     """Extent along the two diagonals relative to the axis-aligned extents.
 
@@ -305,9 +322,10 @@ def analyze(image: np.ndarray | torch.Tensor,
                         background_distance=bg_dist)
     fill, taper, diag = shape_features(mask)
     shape, shape_conf = classify_shape((fill, taper, diag))
+    cx, cy, size = shape_geometry(mask)
     return Analysis(shape, color, background, fill_ratio=fill, taper=taper, diagonal=diag,
                     area_fraction=area / (h * w), shape_confidence=shape_conf,
-                    color_distance=color_dist, background_distance=bg_dist)
+                    color_distance=color_dist, background_distance=bg_dist, cx=cx, cy=cy, size=size)
 
 
 def analyze_batch(images: torch.Tensor | np.ndarray | Iterable[np.ndarray | torch.Tensor],

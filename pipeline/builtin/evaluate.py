@@ -2,6 +2,7 @@
 
     python -m pipeline.builtin.evaluate            # full report (a few minutes on 2 cores)
     python -m pipeline.builtin.evaluate --quick    # smaller samples
+    python -m pipeline.builtin.evaluate --only diversity,sample_sheet   # those sections, merged into reports/
 
 Every number comes from the rule-based analyzer (`pipeline.builtin.analyzer`), never from the model's
 own CLIP, except the CLIP retrieval and best-of reranking rows, which measure CLIP itself.
@@ -25,6 +26,14 @@ from ..generate import Pipeline
 from ..request import GenerationRequest
 from . import analyzer, dataset, domain
 from .configs import write_model
+from .diversity import (
+    CANDIDATES,
+    CHAOS_SHEET_PROMPT,
+    CHAOS_VALUES,
+    DIVERSITY_SEEDS,
+    diversity_lines,
+    eval_diversity_section,
+)
 from .train import EVAL_DEGRADATION, degrade
 
 logger = logging.getLogger(__name__)
@@ -210,18 +219,21 @@ def eval_latency(pipe: Pipeline, batch: int, steps: int, repeats: int = 2, **set
 
 
 # ---- 8. sample sheet ---------------------------------------------------------------------------
-def sample_sheet(pipe: Pipeline, path: Path, n_prompts: int = 8, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> None:
-    """A grid of prompts (rows, half of them held-out) x seeds, upscaled x4, captioned."""
+def sample_sheet(pipe: Pipeline, path: Path, n_prompts: int = 8, seeds: tuple[int, ...] = (0, 1, 2, 3),
+                 chaos_values: tuple[int, ...] = CHAOS_VALUES, chaos_prompt: str = CHAOS_SHEET_PROMPT) -> None:
+    """A grid of prompts (rows, half of them held-out) x seeds at the served defaults, then one row per --chaos
+    value (`chaos_prompt`, the same seeds), upscaled x4, captioned."""
     seen = [p for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if not domain.is_held_out(c)]
     held = [p for p, c in zip(domain.PROMPT_LIST, domain.PROMPT_COMBOS) if domain.is_held_out(c)]
     prompts = seen[:n_prompts // 2] + held[:n_prompts - n_prompts // 2]
+    rows = [({"prompt": p}, p + (" (held-out)" if p in held else "")) for p in prompts]
+    rows += [({"prompt": chaos_prompt, "chaos": c}, f"--chaos {c}: {chaos_prompt}") for c in chaos_values]
     cell, label_w = 128, 330
-    sheet = Image.new("RGB", (label_w + cell * len(seeds), cell * len(prompts)), "white")
+    sheet = Image.new("RGB", (label_w + cell * len(seeds), cell * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
-    for row, prompt in enumerate(prompts):
-        [res] = pipe.generate([{"prompt": prompt, "n": len(seeds), "seed": seeds[0]}])
-        tag = " (held-out)" if prompt in held else ""
-        draw.text((6, row * cell + cell // 2 - 6), prompt + tag, fill="black")
+    for row, (request, label) in enumerate(rows):
+        [res] = pipe.generate([{**request, "n": len(seeds), "seed": seeds[0]}])
+        draw.text((6, row * cell + cell // 2 - 6), label, fill="black")
         for col, img in enumerate(res.images):
             sheet.paste(img.resize((cell, cell)), (label_w + col * cell, row * cell))
     sheet.save(path)
@@ -232,15 +244,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="model folder (default: built-in)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default: reports/)")
     p.add_argument("--quick", action="store_true", help="smaller samples (a minute)")
+    p.add_argument("--only", default=None, metavar="SECTION[,SECTION]",
+                   help=f"run only these sections ({', '.join(SECTIONS)}) and merge them into the existing "
+                        "evaluation.json / .md (the others are kept as they are)")
+    p.add_argument("--diversity-seeds", type=int, default=DIVERSITY_SEEDS,
+                   help=f"images per prompt for the diversity section (default: {DIVERSITY_SEEDS})")
     args = p.parse_args(argv)
+    only = None if args.only is None else [x.strip() for x in args.only.split(",") if x.strip()]
+    if only is not None and (unknown := sorted(set(only) - set(SECTIONS))):
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
     n, seeds = (200, [0, 1]) if args.quick else (1000, [0, 1, 2, 3])
     pipe = Pipeline.load(args.model)
     d = pipe.spec.defaults
-    report = {"model": pipe.spec.name, "machine": machine(), "defaults": d.model_dump(), "seeds": seeds,
+    report_file = args.out / "evaluation.json"
+    report = {"model": pipe.spec.name, "machine": machine(), "defaults": d.model_dump(mode="json"), "seeds": seeds,
               "prompts": len(domain.PROMPT_LIST)}
+    if only is not None and report_file.is_file():  # merge: every other section stays as it was measured
+        report = json.loads(report_file.read_text())
+
+    def save(name, value) -> None:
+        report[name] = value
+        report_file.write_text(json.dumps(report, indent=2) + "\n")
+
     steps = [("analyzer_clean", lambda: eval_analyzer(n, 11)),
              ("clip_retrieval", lambda: eval_retrieval(pipe, n // 2, 12)),
              ("vae_reconstruction", lambda: eval_vae(pipe, n // 2, 13)),
@@ -250,15 +278,30 @@ def main(argv: list[str] | None = None) -> None:
              ("step_sweep", lambda: step_sweep(pipe, seeds[:1])),
              ("upscaler", lambda: eval_upscaler(pipe, n // 4, 14)),
              ("variations", lambda: eval_variations(pipe, seeds)),
-             ("latency_s_per_image", lambda: latency_table(pipe))]
+             ("latency_s_per_image", lambda: latency_table(pipe)),
+             ("diversity", lambda: eval_diversity_section(
+                 pipe, seeds=list(range(4 if args.quick else args.diversity_seeds)),
+                 candidates=() if args.quick else CANDIDATES,
+                 save=lambda section: save("diversity", section)))]
+    assert [name for name, _ in steps] + ["sample_sheet"] == list(SECTIONS)
     for name, fn in steps:
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
-        report[name] = fn()
+        save(name, fn())
         logger.info("%s (%.0fs): %s", name, time.perf_counter() - t0, report[name])
-        (args.out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-    sample_sheet(pipe, args.out / "sample_sheet.png")
-    (args.out / "evaluation.md").write_text(markdown(report))
+    if only is None or "sample_sheet" in only:
+        sample_sheet(pipe, args.out / "sample_sheet.png")
+    try:
+        (args.out / "evaluation.md").write_text(markdown(report))
+    except KeyError as e:  # --only on a folder without a full report
+        logger.warning("evaluation.md not written: the report has no %s section (run the full evaluation)", e)
     logger.info("wrote %s", args.out)
+
+
+SECTIONS = ("analyzer_clean", "clip_retrieval", "vae_reconstruction", "generation", "generation_best_of_4",
+            "generation_random_init", "step_sweep", "upscaler", "variations", "latency_s_per_image", "diversity",
+            "sample_sheet")
 
 
 def random_init(pipe: Pipeline) -> Pipeline:
@@ -307,6 +350,7 @@ def markdown(r: dict) -> str:
              "| model | shape | colour | background | all three |", "|---|---|---|---|---|",
              row("built-in", r["generation"]), row("built-in, best-of-4 CLIP rerank", r["generation_best_of_4"]),
              row("random init (floor)", r["generation_random_init"]), "",
+             *diversity_lines(r.get("diversity"), r["defaults"]),
              "## Components", "",
              f"- Analyzer on clean procedural images: {r['analyzer_clean']['all']:.1%} all three "
              f"({r['analyzer_clean']['n']} images)",

@@ -308,7 +308,9 @@ def train_upscaler(cfg: TrainConfig, work: Path) -> dict:
 
 
 # ---- export -------------------------------------------------------------------------------------
-SERVING_DEFAULTS = {"steps": 8, "guidance_scale": 4.0, "scheduler": "dpmpp_2m"}  # chosen by the evaluation sweep
+# chosen by the evaluation sweep; the guidance interval, early guidance and chaos by its diversity section
+SERVING_DEFAULTS = {"steps": 8, "guidance_scale": 4.0, "scheduler": "dpmpp_2m", "guidance_interval": [0.0, 0.55],
+                    "early_guidance": 0.7, "chaos_interval_hi": 0.55, "chaos_early_guidance": 0.1}
 
 
 def export(cfg: TrainConfig, work: Path, out: Path) -> dict:

@@ -22,6 +22,17 @@ def test_generate_local_rejects_bad_input_with_a_message(tiny_model_dir, tmp_pat
     assert "size" in capsys.readouterr().err
 
 
+def test_generate_local_takes_chaos_as_option_and_flag(tiny_model_dir, tmp_path, capsys):
+    args = ["generate", "--local", "--model", str(tiny_model_dir), "--steps", "2", "--n", "1", "--seed", "5"]
+    assert main(args + ["--out", str(tmp_path / "a"), "--chaos", "50", "a red circle"]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "a red circle --chaos 50"]) == 0
+    assert main(args + ["--out", str(tmp_path / "c"), "a red circle"]) == 0
+    a, b, c = (Image.open(tmp_path / d / "5.png").tobytes() for d in "abc")
+    assert a == b and a != c
+    assert main(args + ["--out", str(tmp_path), "--chaos", "101", "a red circle"]) == 2
+    assert "chaos" in capsys.readouterr().err
+
+
 def test_progress_without_a_terminal_is_one_line_per_stage():
     import io
 

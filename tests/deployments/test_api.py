@@ -117,6 +117,9 @@ def test_auth(app):
     ({"prompt": "ok --bogus 1"}, "prompt"),
     ({"prompt": "--n 2"}, "prompt"),
     ({"prompt": "ok", "upscale": 3}, "upscale"),
+    ({"prompt": "ok --chaos 101"}, "prompt"),
+    ({"prompt": "ok", "chaos": -1}, "chaos"),
+    ({"prompt": "ok", "guidance_interval": [0.8, 0.2]}, "guidance_interval"),
 ])
 def test_invalid_bodies_are_422_naming_the_field(http, body, param):
     r = http.post(f"{http.base}/v1/jobs", json=body)

@@ -15,6 +15,8 @@ MIXED = [  # different step counts, guidance, schedulers, sizes and seeds, sampl
     {"prompt": "a green triangle on a white background", "steps": 5, "seed": 3, "guidance_scale": 1.0,
      "scheduler": "ddim"},
     {"prompt": "a white circle", "steps": 7, "seed": 4, "negative_prompt": "red", "scheduler": "euler"},
+    {"prompt": "a blue square on a white background", "steps": 6, "seed": 5, "chaos": 60,  # the guidance
+     "guidance_interval": [0.2, 0.8]},  # changes from step to step: its unconditional rows come and go
 ]
 
 

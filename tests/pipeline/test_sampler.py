@@ -165,3 +165,87 @@ def test_img2img_checks_its_inputs(tiny_pipeline):
         pipe.sampler.start([make_request(pipe, init_image=striped(8, 8), strength=0.5)])
     with pytest.raises(ValueError, match="strength"):
         pipe.sampler.start([make_request(pipe, init_image=striped(), strength=0.0)])
+
+
+# ---- guidance in a limited interval (Kynkaanniemi et al. 2024) ---------------------------------------------
+def test_guidance_interval_empty_is_guidance_1_and_full_is_plain_guidance(tiny_pipeline):
+    pipe = tiny_pipeline
+    plain = pipe.sampler.sample([make_request(pipe, seed=5, guidance_scale=4.0)])[0]
+    none = pipe.sampler.sample([make_request(pipe, seed=5, guidance_scale=1.0)])[0]
+    empty = pipe.sampler.sample([make_request(pipe, seed=5, guidance_scale=4.0, guidance_interval=(0.0, 0.0))])[0]
+    full = pipe.sampler.sample([make_request(pipe, seed=5, guidance_scale=4.0, guidance_interval=(0.0, 1.0))])[0]
+    # 4 trailing steps are at noise levels 0.999, 0.749, 0.499, 0.249: (0.2, 1] holds all of them
+    covering = pipe.sampler.sample([make_request(pipe, seed=5, guidance_scale=4.0, guidance_interval=(0.2, 1.0))])[0]
+    torch.testing.assert_close(empty, none, rtol=0, atol=1e-6)
+    torch.testing.assert_close(full, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(covering, plain, rtol=0, atol=1e-6)
+    assert (plain - none).abs().max() > 1e-3  # guidance does something here, so the checks above mean something
+
+
+def test_guidance_interval_guides_exactly_the_steps_inside_it(tiny_pipeline):
+    """(0, 0.8] on 4 steps (levels 0.999, 0.749, 0.499, 0.249): the first step unguided, the others at the scale;
+    the same as running the first step at guidance 1 and switching to the full scale after it."""
+    from dataclasses import replace
+    pipe = tiny_pipeline
+    req = make_request(pipe, seed=6, guidance_scale=5.0, scheduler="dpmpp_2m", guidance_interval=(0.0, 0.8))
+    [state] = pipe.sampler.start([req])
+    scales = []
+    while not state.done:
+        scales.append(state.guidance)
+        pipe.sampler.step([state])
+    assert scales == [1.0, 5.0, 5.0, 5.0]
+    interval = pipe.sampler.finish([state])[0]
+    [manual] = pipe.sampler.start([replace(req, guidance_scale=1.0, guidance_interval=(0.0, 1.0))])
+    pipe.sampler.step([manual])
+    manual.request = replace(req, guidance_interval=(0.0, 1.0))
+    while not manual.done:
+        pipe.sampler.step([manual])
+    torch.testing.assert_close(interval, pipe.sampler.finish([manual])[0], rtol=0, atol=1e-6)
+    plain = pipe.sampler.sample([replace(req, guidance_interval=(0.0, 1.0))])[0]
+    assert (interval - plain).abs().max() > 1e-3
+
+
+def test_guidance_interval_is_batch_invariant(tiny_pipeline):
+    """A request with an interval alone, and in one batch with requests of other intervals, scales and schedulers
+    (so the batch's rows per request change from step to step): equal within 1/255."""
+    pipe = tiny_pipeline
+    target = make_request(pipe, "a blue square on a white background", seed=7, scheduler="dpmpp_2m",
+                          num_inference_steps=6, guidance_scale=5.0, guidance_interval=(0.1, 0.7), early_guidance=0.6)
+    alone = pipe.sampler.sample([target])[0]
+    mixed = [make_request(pipe, "a red circle", seed=1, num_inference_steps=3, guidance_interval=(0.0, 0.5)),
+             target,
+             make_request(pipe, "green", seed=2, scheduler="euler_a", num_inference_steps=6,
+                          guidance_interval=(0.6, 1), early_guidance=0.5),
+             make_request(pipe, "black", seed=3, scheduler="euler", num_inference_steps=5, guidance_scale=9.0),
+             make_request(pipe, "white", seed=4, num_inference_steps=4, guidance_interval=(0.0, 0.0)),
+             make_request(pipe, "a blue square on a white background", seed=7, scheduler="dpmpp_2m",
+                          num_inference_steps=6, guidance_scale=5.0)]
+    batched = pipe.sampler.sample(mixed)
+    assert (batched[1] - alone).abs().max() <= 1 / 255
+    assert (batched[5] - alone).abs().max() > 1 / 255  # the same request without the interval is another image
+
+
+def test_early_guidance_weights_the_steps_above_the_interval(tiny_pipeline):
+    """Above the interval the weight is early_guidance: below 1 it mixes the unconditional prediction in, and 0
+    is the unconditional prediction itself, i.e. the negative prompt's conditional one."""
+    pipe = tiny_pipeline
+    [state] = pipe.sampler.start([make_request(pipe, guidance_interval=(0.3, 0.8), early_guidance=0.5)])
+    scales = []
+    while not state.done:
+        scales.append(state.guidance)
+        pipe.sampler.step([state])
+    assert scales == [0.5, 4.0, 4.0, 1.0]  # levels 0.999 | 0.749, 0.499 | 0.249
+    uncond = pipe.sampler.sample([make_request(pipe, seed=2, negative="blue", guidance_interval=(0.0, 0.0),
+                                               early_guidance=0.0)])[0]
+    negative = pipe.sampler.sample([make_request(pipe, "blue", seed=2, guidance_scale=1.0)])[0]
+    cond = pipe.sampler.sample([make_request(pipe, seed=2, guidance_scale=1.0)])[0]
+    torch.testing.assert_close(uncond, negative, rtol=0, atol=1e-5)
+    assert (uncond - cond).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.2), (-0.1, 0.5), (0.0, 1.5), (0.3,), "0-1"])
+def test_bad_guidance_intervals_are_rejected(tiny_pipeline, interval):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        tiny_pipeline.sampler.start([make_request(tiny_pipeline, guidance_interval=interval)])
+    with pytest.raises(ValueError, match="early_guidance"):
+        tiny_pipeline.sampler.start([make_request(tiny_pipeline, early_guidance=-0.5)])
