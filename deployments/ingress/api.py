@@ -14,10 +14,12 @@ import base64
 import json
 import logging
 import time
+from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,6 +46,10 @@ from .protocol import (
 )
 
 logger = logging.getLogger(__name__)
+# A query parameter as a plain constrained type, not `Query(...)`: Serve ships this module's classes by value
+# (cloudpickle), which turns FastAPI's `Query` sentinels into new objects, and the served OpenAPI document then
+# showed `"example": {}` on the parameter.
+PageSize = Annotated[int, Field(ge=1, le=100, description="jobs per page")]
 app = FastAPI(title="imagine", description="Text-to-image on Ray Serve (OpenAI Images API compatible).")
 SIZE_FIELDS = {"width": "size", "height": "size"}  # the pipeline's fields -> what the client sent
 
@@ -153,7 +159,7 @@ class Ingress:
         return await self._public(record)
 
     @app.get("/v1/jobs")
-    async def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100), before: float | None = None):
+    async def list_jobs(self, request: Request, limit: PageSize = 20, before: float | None = None):
         """The caller's jobs, newest first; `next_before` pages on (the gallery's history)."""
         rows = await call_redis(self.queue.key_jobs, request.state.key_id, before, limit) or []
         records = []

@@ -62,5 +62,6 @@ def test_cancel_frees_the_slot_at_the_next_step(app, http):
     assert wait_job(http, short["id"], timeout_s=60)["state"] == "succeeded"
     freed_in = time.monotonic() - t_cancel
     long_final = wait_job(http, long["id"])
-    assert long_final["state"] == "cancelled" and long_final["progress"] < 0.5
+    # stopped while sampling (how far it got in those ~2 s depends on the machine's speed)
+    assert long_final["state"] == "cancelled" and long_final["progress"] < 0.85 and not long_final["images"]
     assert freed_in < 10, f"the short job needed {freed_in:.1f}s after the cancel"

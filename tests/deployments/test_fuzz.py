@@ -24,13 +24,24 @@ def check(r: requests.Response, problems: list, what: str) -> None:
             problems.append(f"{what}: {r.status_code} without the JSON error shape: {r.text[:200]!r}")
 
 
+def differences(a, b, path="") -> list[str]:
+    """Where two JSON documents differ (the first 10 places)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = [f"{path}/{k}: {k in a} vs {k in b}" for k in sorted(set(a) ^ set(b))]
+        return (out + [d for k in sorted(set(a) & set(b)) for d in differences(a[k], b[k], f"{path}/{k}")])[:10]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}/{i}")][:10]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
 def test_schemathesis_finds_no_5xx_and_only_json_errors(app, reliability):
     import schemathesis
     from schemathesis import GenerationMode
     _, url, key = app
     auth = {"Authorization": f"Bearer {key}"}
     doc = json.loads(json.dumps(fastapi_app.openapi()))  # (a copy: schemathesis annotates the dict it is given)
-    assert requests.get(f"{url}/openapi.json", headers=auth, timeout=10).json() == doc  # what the server serves
+    served = requests.get(f"{url}/openapi.json", headers=auth, timeout=10).json()
+    assert served == doc, differences(served, doc)  # what the server serves
     schema = schemathesis.openapi.from_dict(json.loads(json.dumps(doc)))
     problems, calls = [], [0]
     session = requests.Session()

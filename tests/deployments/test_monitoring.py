@@ -9,6 +9,7 @@ import yaml
 
 from monitoring.dashboards import panel_queries
 from tests.deployments.test_api import wait_job
+from tests.deployments.test_workflow import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "monitoring" / "dashboards").glob("*.json"))
@@ -23,9 +24,10 @@ def expand(expr: str) -> str:
     return expr
 
 
-def workload(http) -> None:
-    """Succeeded jobs on both endpoints, a cancelled job, and rejected requests (4xx)."""
-    ok = [http.post(f"{http.base}/v1/jobs", json={"prompt": f"a red circle --seed {i}", "steps": 4, "n": 2}).json()
+def workload(http, webhook_url: str) -> None:
+    """Succeeded jobs on both endpoints (one with a webhook), a cancelled job, and rejected requests (4xx)."""
+    ok = [http.post(f"{http.base}/v1/jobs", json={"prompt": f"a red circle --seed {i}", "steps": 4, "n": 2,
+                                                   **({"webhook": webhook_url} if i == 0 else {})}).json()
           for i in range(3)]
     r = http.post(f"{http.base}/v1/images/generations", json={"prompt": "a blue square", "n": 1, "steps": 3})
     assert r.status_code == 200, r.text
@@ -48,7 +50,12 @@ def scraped(app, prometheus_server, ray_temp):
     http.headers["Authorization"] = f"Bearer {key}"
     http.base = url
     prometheus_server.scrape(Path(ray_temp))
-    workload(http)
+    receiver = Receiver()  # a webhook receiver on loopback: the webhook panel has its events too
+    try:
+        workload(http, receiver.url)
+        prometheus_server.wait_for('imagine_webhooks_total{cluster="local"}', timeout_s=60)
+    finally:
+        receiver.close()
     # Ray exports each worker's metrics within ~1 s here; wait until the last of them is scraped
     prometheus_server.wait_for('imagine_jobs_finished_total{cluster="local", state="cancelled"}', timeout_s=60)
     prometheus_server.wait_for('imagine_images_published_total{cluster="local"}', timeout_s=60)
