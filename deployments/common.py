@@ -52,7 +52,8 @@ class TorchThread:
     Each OS thread that enters a parallel torch op gets its own OpenMP team, and an idle team's threads spin
     waiting for work: with torch work spread over `asyncio.to_thread`'s pool (and the event loop), a replica had
     several teams whose spinning threads took the cores its working team needed (a 2-thread step on 2 cores ran
-    ~1.4x slower in a worker thread than alone, and 5x slower once a second team existed in the process). One
+    1.3-1.5x slower in a worker thread than on the main thread, and up to 5x slower once a second team existed
+    in the process while the machine was shared). One
     thread keeps one team, and keeps the event loop free for the streams while it steps.
     """
 
