@@ -77,9 +77,16 @@ def run_preflight(dashboard: str, config: dict, timeout_s: float = 180) -> list[
 
     from cluster.preflight import MARK
     client = JobSubmissionClient(dashboard)
-    job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} -m cluster.preflight "
-                                       f"{shlex.quote(json.dumps(config))}")
     deadline = time.monotonic() + timeout_s
+    while True:  # a head that has just started may not have its job agent yet: "No available agent ..." (500)
+        try:
+            job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} -m cluster.preflight "
+                                               f"{shlex.quote(json.dumps(config))}")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if time.monotonic() > deadline:
             client.stop_job(job)
