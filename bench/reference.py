@@ -77,7 +77,7 @@ class ReferencePipeline:
 
         cfg = parse_config(config)
         stage = cfg.stages.diffuser  # the reference replica gets the Diffuser's resources
-        setup_torch(stage)
+        setup_torch()
         from .sd15 import run_dtype
 
         device = pick_device(stage)

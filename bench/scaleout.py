@@ -52,8 +52,9 @@ def project(results: dict, gpus: int, gpu_image_steps_per_s: float, head_cores: 
     mix = [tuple(m) for m in results["plan"]["mix"]]
     images_per_job = sum(n for _, n in mix) / len(mix)
     steps_per_image = sum(s * n for s, n in mix) / sum(n for _, n in mix)
+    per_job = serving_core_seconds_per_job(results)
     diffuser_images = gpus * gpu_image_steps_per_s / steps_per_image
-    head_jobs = head_cores / serving_core_seconds_per_job(results)
+    head_jobs = head_cores / per_job
     peak_images = min(diffuser_images, head_jobs * images_per_job)
     slots = max(1, round(gpus * batch))
     service_50 = 50 * batch / gpu_image_steps_per_s  # a 50-step image at a full batch
@@ -61,7 +62,7 @@ def project(results: dict, gpus: int, gpu_image_steps_per_s: float, head_cores: 
     wait = erlang_c_wait_quantile(slots, load * peak_images / (slots * mu), mu)
     return {"gpus": gpus, "peak_images_per_s": round(peak_images, 2),
             "saturates": "Diffuser (GPU)" if diffuser_images <= head_jobs * images_per_job else "head CPU (serving)",
-            "head_cores_at_peak": round(peak_images / images_per_job * serving_core_seconds_per_job(results), 2),
+            "head_cores_at_peak": round(peak_images / images_per_job * per_job, 2),
             "p99_s_at_70pct": round(service_50 + wait, 1)}
 
 

@@ -37,7 +37,7 @@ def torch_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
 
 
-def setup_torch(stage_cfg=None) -> None:
+def setup_torch() -> None:
     """The calling thread's torch settings for a replica's share of cores: denormals flushed (a per-thread
     setting: erratic steps otherwise) and as many intra-op threads as the cores Ray gave it."""
     import torch

@@ -50,7 +50,6 @@ class CompiledUNet(torch.nn.Module):
         self.config = unet.config  # the Sampler reads the UNet's config
         options = {"mode": mode} if backend == "inductor" else {}  # ("eager": dynamo only, for quick tests)
         self.compiled = torch.compile(unet, backend=backend, dynamic=False, **options)
-        self.compile_seconds = 0.0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,9 +72,7 @@ class CompiledUNet(torch.nn.Module):
                                   None if class_labels is None else class_labels[i:i + top]).sample
                      for i in range(0, n, top)]
             return _Output(torch.cat(parts))
-        pad = self.bucket(n) - n
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(n) if \
-            torch.as_tensor(timestep).dim() == 0 else timestep
+        pad = self.bucket(n) - n  # (the Sampler passes one timestep per row)
         if pad:
             sample, timestep, encoder_hidden_states = (_pad(sample, pad), _pad(timestep, pad),
                                                        _pad(encoder_hidden_states, pad))
@@ -96,7 +93,6 @@ class CompiledUNet(torch.nn.Module):
                          torch.full((b,), 500.0, device=device),
                          torch.zeros((b, *embed_shape), dtype=dtype, device=device),
                          None if pooled_dim is None else torch.zeros((b, pooled_dim), dtype=dtype, device=device))
-        self.compile_seconds += time.perf_counter() - t0
         return time.perf_counter() - t0
 
 

@@ -1,6 +1,6 @@
 """The repository carries what it needs: no tracked file (docs aside) reads a path outside the clone.
 
-A user's clone has nothing beside it, so a reference to a sibling folder (`../shared/...`, `REPO.parent / "x"`,
+A user's clone has nothing beside it, so a reference to a sibling folder (`../workshop/...`, `REPO.parent / "x"`,
 `Path(__file__).parents[N]` above the root) or to a developer machine's absolute path works on our machines
 and fails everywhere else.
 """
@@ -47,9 +47,9 @@ def outside_references(rel: Path, text: str) -> list[str]:
 
 
 def test_the_checker_catches_each_kind_of_outside_reference():
-    assert outside_references(Path("tests/k8s/x.py"), 'd = REPO.parent / "shared" / "k8s-schemas"')
-    assert outside_references(Path("cluster/x.py"), 'open("../../shared/INFRA-NOTES.md")')
-    assert outside_references(Path("x.py"), "see ../shared/examples/serve_celery_consumer.py")
+    assert outside_references(Path("tests/k8s/x.py"), 'd = REPO.parent / "workshop" / "k8s-schemas"')
+    assert outside_references(Path("cluster/x.py"), 'open("../../workshop/INFRA-NOTES.md")')
+    assert outside_references(Path("x.py"), "see ../workshop/examples/serve_celery_consumer.py")
     assert outside_references(Path("Makefile"), "\tcp -r /work/shared/k8s-schemas k8s/")
     assert outside_references(Path("tests/a/t.py"), "ROOT = Path(__file__).resolve().parents[3]")
     assert outside_references(Path("cluster/x.py"), "Path(__file__).resolve().parent.parent.parent")
