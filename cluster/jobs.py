@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -162,34 +162,33 @@ class JobStore:
         fixed = {"id", "created_at", "updated_at"} & fields.keys()
         if fixed:
             raise ValueError(f"update() cannot change {sorted(fixed)}")
-        for _ in range(_MAX_CONFLICTS):
-            record, etag = self._read(job_id)
+        def change(record: JobRecord) -> JobRecord | None:
             if record.is_terminal():
                 if fields:
                     logger.info("job %s is %s; ignoring update %s", job_id, record.state, sorted(fields))
-                return record
-            new = JobRecord.model_validate({**record.model_dump(), **fields, "updated_at": time.time()})
-            try:
-                self.storage.put_json(job_key(job_id), _stored(new), if_match=etag)
-                return new
-            except PreconditionFailed:
-                logger.debug("job %s changed while updating it; retrying", job_id)
-        raise RuntimeError(f"job {job_id}: {_MAX_CONFLICTS} concurrent writers in a row beat update({sorted(fields)})")
+                return None
+            return JobRecord.model_validate({**record.model_dump(), **fields, "updated_at": time.time()})
+        return self._modify(job_id, change, f"update({sorted(fields)})")
 
     def add_child(self, job_id: str, child_id: str) -> JobRecord:
         """Note a job started from this one (its state does not matter: children come after the parent ends)."""
         check_job_id(child_id)
+        return self._modify(job_id, lambda r: None if child_id in r.children else
+                            r.model_copy(update={"children": [*r.children, child_id]}), "add_child")
+
+    def _modify(self, job_id: str, change: Callable[[JobRecord], JobRecord | None], what: str) -> JobRecord:
+        """Read the record, `change` it (None: leave it as it is) and write it back under its ETag; again while
+        another writer got there first, at most _MAX_CONFLICTS times."""
         for _ in range(_MAX_CONFLICTS):
             record, etag = self._read(job_id)
-            if child_id in record.children:
+            if (new := change(record)) is None:
                 return record
-            new = record.model_copy(update={"children": [*record.children, child_id]})
             try:
                 self.storage.put_json(job_key(job_id), _stored(new), if_match=etag)
                 return new
             except PreconditionFailed:
-                logger.debug("job %s changed while adding a child; retrying", job_id)
-        raise RuntimeError(f"job {job_id}: {_MAX_CONFLICTS} concurrent writers in a row beat add_child")
+                logger.debug("job %s changed during %s; retrying", job_id, what)
+        raise RuntimeError(f"job {job_id}: {_MAX_CONFLICTS} concurrent writers in a row beat {what}")
 
     def mark_failed(self, job_id: str, error: str, error_type: str) -> JobRecord:
         """Record why a job failed (unless it already ended)."""
