@@ -49,7 +49,7 @@ import requests
 from cluster.config import ImagineConfig
 from cluster.launcher import Cluster, apply
 from cluster.netns import NetworkLab, NetworkLabError
-from cluster.raynode import ensure_token, head_command, ray_temp_dir
+from cluster.raynode import SERVE_TIMEOUTS, ensure_token, head_command, ray_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class RayNodes:
     def env(self) -> dict[str, str]:
         """The environment of the nodes and of the programs that talk to them: token auth, faster node checks."""
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        return {**base, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+        return {**SERVE_TIMEOUTS, **base, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.token), **HEALTH_CHECKS}
 
     def temp_dir(self, i: int) -> Path:

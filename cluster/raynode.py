@@ -54,11 +54,16 @@ def ray_temp_dir(path: str | os.PathLike) -> Path:
     return link
 
 
+# Serve kills a proxy that is not ready within 5 s, and the deploy that started it fails with ActorDiedError: on
+# a loaded 2-core machine a proxy's start can take longer (an explicit setting in the environment wins)
+SERVE_TIMEOUTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
+
 def local_env(token_file: Path | None = None, base: dict | None = None) -> dict:
     """The environment of a local (one-node, loopback) Ray and of the programs that talk to it: token
     authentication with the token in `token_file` (Ray's SDK clients send it too), or off without one (only
     for a Ray that nobody else can reach, as the tests' own)."""
-    env = {**(os.environ if base is None else base), "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**SERVE_TIMEOUTS, **(os.environ if base is None else base), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if token_file is None:
         return {**env, "RAY_AUTH_MODE": "disabled"}
@@ -78,12 +83,16 @@ def ensure_token(path: Path) -> Path:
 
 
 def head_command(ray_bin: str, temp_dir: Path, node_ip: str, dashboard_port: int, metrics_export_port: int,
-                 num_cpus: int, resources: dict | None = None) -> list[str]:
-    """`ray start --head` bound to `node_ip` (its dashboard and agent too)."""
+                 num_cpus: int, resources: dict | None = None, agent_port: int | None = None) -> list[str]:
+    """`ray start --head` bound to `node_ip` (its dashboard and agent too). `agent_port`: the dashboard agent's
+    HTTP port (Ray's default, 52365, is taken when another Ray runs on the same address: that agent never
+    starts and every job submission, the preflight's too, answers "No available agent")."""
     import json
     cmd = [ray_bin, "start", "--head", "--port", "0", "--node-ip-address", node_ip, "--temp-dir", str(temp_dir),
            "--include-dashboard", "true", "--dashboard-host", node_ip, "--dashboard-port", str(dashboard_port),
            "--num-cpus", str(num_cpus), "--metrics-export-port", str(metrics_export_port), "--disable-usage-stats"]
+    if agent_port:
+        cmd += ["--dashboard-agent-listen-port", str(agent_port)]
     if resources:
         cmd += ["--resources", json.dumps(resources)]
     return cmd
@@ -96,7 +105,9 @@ def start_local_head(ray_bin: str, temp_dir: Path, dashboard_port: int, metrics_
     Raises:
         SystemExit: `ray start` failed (with its output).
     """
-    cmd = head_command(ray_bin, temp_dir, LOOPBACK, dashboard_port, metrics_export_port, num_cpus)
+    from cluster.seaweed import find_free_port
+    cmd = head_command(ray_bin, temp_dir, LOOPBACK, dashboard_port, metrics_export_port, num_cpus,
+                       agent_port=find_free_port())
     out = subprocess.run(cmd, env=local_env(token_file), capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise SystemExit(f"ray start failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")

@@ -99,11 +99,21 @@ def run_preflight(dashboard: str, config: dict, timeout_s: float = 180) -> list[
     return json.loads(lines[-1][len(MARK):])
 
 
-def _deploy(client, apps: dict, app_config: dict, http_options: dict) -> None:
+def _deploy(client, apps: dict, app_config: dict, http_options: dict, attempts: int = 3) -> None:
+    """Send the applications; retried when Serve's own start failed because an actor it was starting died
+    (a proxy killed for a slow start on a loaded machine: the controller starts another)."""
     others = [a["deployed_app_config"] for n, a in apps.items()
               if n != app_config["name"] and a.get("deployed_app_config")]
-    client.deploy_applications({"proxy_location": "EveryNode", "http_options": http_options,
-                                "applications": [*others, app_config]})
+    for attempt in range(1, attempts + 1):
+        try:
+            return client.deploy_applications({"proxy_location": "EveryNode", "http_options": http_options,
+                                               "applications": [*others, app_config]})
+        except RuntimeError as e:
+            if "ActorDiedError" not in str(e) or attempt == attempts:
+                raise
+            died = next((line.strip() for line in str(e).splitlines() if "ActorDiedError" in line), "")
+            logger.warning("Serve's start failed (%s); deploying again", died[:200])
+            time.sleep(2.0 * attempt)
 
 
 def _wait_for(client, name: str, wait_s: float) -> str | None:
