@@ -264,6 +264,14 @@ class JobQueue:
     def dead(self, limit: int = 100) -> list[dict]:
         return [json.loads(x) for x in self.r.lrange(self.p + "dead", 0, limit - 1)]
 
+    def messages_waiting(self, queue_name: str) -> int:
+        """Celery's messages not yet taken by any consumer: the lengths of the queue's Redis lists, one per
+        priority step (kombu names them `<queue>` for 0 and `<queue>\\x06\\x16<n>` for 3, 6, 9)."""
+        pipe = self.r.pipeline()
+        for level in (0, 3, 6, 9):
+            pipe.llen(queue_name + (f"\x06\x16{level}" if level else ""))
+        return sum(pipe.execute())
+
     def stats(self) -> dict:
         """What `imagine status` and the metrics show: the line per tier, its oldest job, running, counters."""
         queued = self.r.zrange(self.p + "queued", 0, -1, withscores=True)

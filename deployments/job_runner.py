@@ -38,6 +38,9 @@ from .queue import TASK_NAME, enqueue, producer, task_processor_config
 from .runner import JobRunner
 
 logger = logging.getLogger(__name__)
+# messages waiting this long beside free worker threads: the consumer is stuck (longer than kombu's longest
+# pause between reconnection attempts, 30 s, so a consumer still reconnecting after a long outage is left alone)
+CONSUMER_STALL_S = 45.0
 
 
 class JobRunnerBase:
@@ -50,6 +53,8 @@ class JobRunnerBase:
         self.owner = f"{serve.get_replica_context().replica_tag}-{secrets.token_hex(3)}"
         self.runner = JobRunner(StageHandles(text_encoder, diffuser, upscaler, publisher), self.store, self.queue,
                                 self.cfg, webhooks=self._webhook_sender())
+        self.concurrency = self.cfg.stages.job_runner.max_ongoing_requests  # Celery's worker threads here
+        self.active, self.last_delivery, self.idle_with_backlog_since = 0, time.monotonic(), None
         self.metrics_task = self.loop.create_task(self.runner.export_queue_metrics())
         self.watchdog = self.loop.create_task(self._redeliver_expired())
 
@@ -70,17 +75,22 @@ class JobRunnerBase:
         message, and a retry that cannot be sent makes Celery drop the message. The delivery waits for Redis
         instead (up to jobs.deadline_s) and is handled again from the start (the protocol is idempotent)."""
         waited_since = None
-        while True:
-            try:
-                return asyncio.run_coroutine_threadsafe(self.runner.handle(job_id, self.owner), self.loop).result()
-            except Exception as e:
-                if not errors.is_broker_error(e):
-                    raise
-                waited_since = waited_since or time.monotonic()
-                if time.monotonic() - waited_since > self.cfg.jobs.deadline_s:
-                    raise
-                logger.warning("job %s: the queue's Redis is away (%s); waiting for it", job_id, e)
-                time.sleep(1.0)
+        self.active, self.last_delivery = self.active + 1, time.monotonic()  # (read by check_health only)
+        try:
+            while True:
+                try:
+                    return asyncio.run_coroutine_threadsafe(self.runner.handle(job_id, self.owner),
+                                                            self.loop).result()
+                except Exception as e:
+                    if not errors.is_broker_error(e):
+                        raise
+                    waited_since = waited_since or time.monotonic()
+                    if time.monotonic() - waited_since > self.cfg.jobs.deadline_s:
+                        raise
+                    logger.warning("job %s: the queue's Redis is away (%s); waiting for it", job_id, e)
+                    time.sleep(1.0)
+        finally:
+            self.active -= 1
 
     async def _redeliver_expired(self) -> None:
         """Re-enqueue the jobs whose runner stopped renewing its lease (it died), ahead of new work."""
@@ -94,6 +104,38 @@ class JobRunnerBase:
             except Exception as e:  # Redis away: try again at the next tick
                 logger.warning("lease check failed: %s", e)
             await asyncio.sleep(every_s)
+
+    async def check_health(self) -> None:
+        """Serve's health check: fails when this replica's queue consumer no longer takes messages, so that
+        Serve replaces the replica (its running jobs' leases expire and they are redelivered).
+
+        Two ways a Celery consumer stops: its thread ends on an unrecoverable error (seen with celery 5.7 when
+        Redis goes away while messages are unacknowledged), or it reconnects after a broker restart but never
+        fetches again (celery issues 8030, 8091, 10205). The second means: messages have waited in the
+        queue's lists for CONSUMER_STALL_S while this replica had free worker threads and got none of them."""
+        adapter = getattr(self, "_adapter", None)  # set by Ray's task_consumer once the replica is initialized
+        if adapter is not None and not adapter.consumer_alive():
+            self._unhealthy("the job queue's consumer thread has stopped")
+        try:
+            waiting = await asyncio.to_thread(self.queue.messages_waiting, self.cfg.queue.queue_name)
+        except Exception:  # Redis away: readiness reports that; the consumer reconnects by itself
+            self.idle_with_backlog_since = None
+            return
+        now = time.monotonic()
+        if not waiting or self.active >= self.concurrency:
+            self.idle_with_backlog_since = None
+            return
+        since = self.idle_with_backlog_since
+        if since is None or self.last_delivery > since:
+            self.idle_with_backlog_since = now
+        elif now - since > CONSUMER_STALL_S:
+            self._unhealthy(f"the job queue's consumer took no message for {now - since:.0f}s while {waiting} "
+                            f"waited and {self.concurrency - self.active} of its worker threads were free")
+
+    @staticmethod
+    def _unhealthy(why: str) -> None:
+        logger.error("%s: failing the health check (Serve replaces this replica)", why)
+        raise RuntimeError(why)
 
     def reconfigure(self, user_config: dict) -> None:
         m.set_gauge("imagine_stage_replicas_max", user_config["max_replicas"])

@@ -45,6 +45,11 @@ class ImagineCeleryAdapter(CeleryTaskProcessorAdapter):
             task_custom_config=a.task_custom_config)
         super().__init__(config.model_copy(update={"adapter_config": adapter_config}), *args, **kwargs)
 
+    def consumer_alive(self) -> bool:
+        """Whether the Celery worker thread runs (it ends on an "Unrecoverable error": celery 5.7 / kombu 5.7
+        raise AttributeError from the Redis channel's close while the broker is away and messages are unacked)."""
+        return self._worker_thread is not None and self._worker_thread.is_alive()
+
 
 def task_processor_config(cfg: ImagineConfig) -> TaskProcessorConfig:
     """The queue's Celery settings from the config (no secret in them)."""

@@ -127,6 +127,55 @@ def test_redis_away_for_10s_answers_503_and_loses_nothing(http, redis_server, re
     assert after.status_code == 202 and wait_job(http, after.json()["id"])["state"] == "succeeded"
 
 
+def test_a_stopped_queue_consumer_gets_its_replica_replaced(app, http, reliability):
+    """The JobRunner's Celery worker thread ends while the replica lives (celery 5.7 ends it on an unrecoverable
+    error when Redis goes away with messages unacknowledged; here Celery's own remote-control `shutdown` ends
+    it, at a moment the test chooses): the replica fails its health check, Serve replaces it, and a job
+    submitted meanwhile succeeds. Without the check that job would wait forever."""
+    from deployments.queue import producer
+    cluster, _, _ = app
+    control = producer(cluster.cfg)._app.control
+    before = {r["name"] for r in replicas("JobRunner")}
+    workers = [name for reply in control.ping(timeout=5.0) for name in reply]
+    assert workers, "no queue consumer answered a ping"
+    control.broadcast("shutdown", destination=workers)
+    t0 = time.monotonic()
+    job = http.post(f"{http.base}/v1/jobs", json={"prompt": "a blue square", "steps": 8, "n": 2}).json()
+    done = wait_job(http, job["id"], timeout_s=120)
+    recovered_s = time.monotonic() - t0
+    after = {r["name"] for r in replicas("JobRunner")}
+    reliability("the JobRunner's queue consumer stopped", submitted=1, succeeded=int(done["state"] == "succeeded"),
+                lost=0, recovery_s=round(recovered_s, 1))
+    assert done["state"] == "succeeded", done
+    assert after and not after & before, (before, after)  # a new replica took the job
+
+
+def test_redis_restarts_with_jobs_in_flight_never_stall_the_queue(http, redis_server, reliability):
+    """Redis stopped and started while every consumer thread runs a job (their messages unacknowledged), twice:
+    every job, and one submitted after each restart, succeeds."""
+    body = {"prompt": "a green circle", "steps": 60, "n": 2}
+    ids, rounds = [], []
+    for round_ in range(2):
+        batch = [http.post(f"{http.base}/v1/jobs", json={**body, "seed": 10 * round_ + i}).json()["id"]
+                 for i in range(4)]
+        for job_id in batch:
+            wait_until(http, job_id, lambda j: j["state"] != "queued")
+        redis_server.stop()
+        time.sleep(5)
+        redis_server.start()
+        t0 = time.monotonic()
+        while requests.get(f"{http.base}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() - t0 < 30, "Redis did not come back"
+            time.sleep(0.5)
+        probe = http.post(f"{http.base}/v1/jobs", json={**body, "steps": 8, "seed": 99}).json()["id"]
+        final = wait_all(http, [*batch, probe], timeout_s=240)
+        rounds.append(round(time.monotonic() - t0, 1))
+        ids += [*batch, probe]
+        assert [j["state"] for j in final.values()] == ["succeeded"] * 5, final
+    reliability("Redis restarted twice with every consumer thread busy", submitted=len(ids), succeeded=len(ids),
+                failed=0, lost=0, seconds_to_drain_after_restart=rounds)
+
+
 def test_s3_restarted_mid_publish_never_reports_a_false_success(http, s3_server, make_storage, reliability):
     job = http.post(f"{http.base}/v1/jobs", json={"prompt": "a white circle", "steps": 30, "n": 4}).json()
     wait_until(http, job["id"], lambda j: j["stage"] in ("upscaler", "publisher") or j["state"] in TERMINAL)
