@@ -43,7 +43,9 @@ def site(tiny_model_dir, tmp_path_factory):
     cfg["queue"]["redis_url"] = f"redis://127.0.0.1:{cfg['queue']['local']['port']}/0"
     (home / "imagine.yaml").write_text(yaml.safe_dump(cfg))
     up = imagine("up", cwd=home)
-    assert up.returncode == 0, up.stdout + up.stderr
+    if up.returncode != 0:
+        imagine("down", cwd=home)  # what the failed start left running (Ray, S3, Redis) must not outlive the test
+        pytest.fail(f"imagine up failed:\n{up.stdout}{up.stderr}")
     url = f"http://127.0.0.1:{cfg['cluster']['http_port']}"
     key = (home / "state" / "api_keys").read_text().split()[0]
     yield home, url, key
