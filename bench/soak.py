@@ -132,8 +132,8 @@ def summarize(outs, t_start, minutes, fraction, peak, memory, out_dir: Path, log
 def render(r: dict) -> str:
     lines = [f"# Soak: {r['minutes']:g} min at {r['fraction_of_peak']:.0%} of the peak ({r['date']})", "",
              f"Peak {r['peak_images_per_s']} images/s. Jobs submitted {r['submitted']}, succeeded {r['succeeded']}, "
-             f"failed {r['failed']}, lost {r['lost']}. p99 latency first minute {r['p99_first_minute_s']} s, "
-             f"last minute {r['p99_last_minute_s']} s (ratio {r['p99_ratio']}).", "",
+             f"failed {r['failed']}, lost {r['lost']}. p99 latency first minute {r['p99_first_minute_s']:.1f} s, "
+             f"last minute {r['p99_last_minute_s']:.1f} s (ratio {r['p99_ratio']}).", "",
              "| goal | met |", "|---|---|", *[f"| {g} | {'yes' if ok else '**no**'} |" for g, ok in r["goals"].items()],
              "", "Memory slope of each process after its first two minutes, and over the second half alone (MB/min, "
              "largest first), with its resident MB at the first and last sample:", "",
