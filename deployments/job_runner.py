@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 
 from ray import serve
@@ -55,6 +56,7 @@ class JobRunnerBase:
                                 self.cfg, webhooks=self._webhook_sender())
         self.concurrency = self.cfg.stages.job_runner.max_ongoing_requests  # Celery's worker threads here
         self.active, self.last_delivery, self.idle_with_backlog_since = 0, time.monotonic(), None
+        self.active_lock = threading.Lock()  # Celery's worker threads count themselves in and out
         self.metrics_task = self.loop.create_task(self.runner.export_queue_metrics())
         self.watchdog = self.loop.create_task(self._redeliver_expired())
 
@@ -75,7 +77,8 @@ class JobRunnerBase:
         message, and a retry that cannot be sent makes Celery drop the message. The delivery waits for Redis
         instead (up to jobs.deadline_s) and is handled again from the start (the protocol is idempotent)."""
         waited_since = None
-        self.active, self.last_delivery = self.active + 1, time.monotonic()  # (read by check_health only)
+        with self.active_lock:  # (read by check_health only)
+            self.active, self.last_delivery = self.active + 1, time.monotonic()
         try:
             while True:
                 try:
@@ -90,7 +93,8 @@ class JobRunnerBase:
                     logger.warning("job %s: the queue's Redis is away (%s); waiting for it", job_id, e)
                     time.sleep(1.0)
         finally:
-            self.active -= 1
+            with self.active_lock:
+                self.active -= 1
 
     async def _redeliver_expired(self) -> None:
         """Re-enqueue the jobs whose runner stopped renewing its lease (it died), ahead of new work."""
