@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(name, value) -> None:
         report[name] = value
+        report.setdefault("measured_at", {})[name] = time.strftime("%Y-%m-%d %H:%M")
         report_file.write_text(json.dumps(report, indent=2) + "\n")
 
     steps = [("analyzer_clean", lambda: eval_analyzer(n, 11)),
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("%s (%.0fs): %s", name, time.perf_counter() - t0, report[name])
     if only is None or "sample_sheet" in only:
         sample_sheet(pipe, args.out / "sample_sheet.png")
+        report.setdefault("measured_at", {})["sample_sheet"] = time.strftime("%Y-%m-%d %H:%M")
+        report_file.write_text(json.dumps(report, indent=2) + "\n")
     try:
         (args.out / "evaluation.md").write_text(markdown(report))
     except KeyError as e:  # --only on a folder without a full report
@@ -337,6 +340,17 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def measured_at(r: dict) -> list[str]:
+    """A line naming when each section was measured, when they differ (`--only` re-runs): the machine's speed
+    varies up to 4x between days, so timings compare only within one run."""
+    when = r.get("measured_at") or {}
+    present = [s for s in SECTIONS if s in r or s in when]
+    if len({when.get(s) for s in present}) <= 1:
+        return []
+    return ["Measured at different times (`--only` re-runs; compare timings only within one run): "
+            + "; ".join(f"{s} {when.get(s) or 'earlier'}" for s in present) + ".", ""]
+
+
 def markdown(r: dict) -> str:
     def row(name, g):
         s, h = g["seen"], g["held_out"]
@@ -346,6 +360,7 @@ def markdown(r: dict) -> str:
     lines = [f"# Evaluation of `{r['model']}`", "",
              f"Machine: {r['machine']}. Defaults: {d['scheduler']}, {d['steps']} steps, guidance "
              f"{d['guidance_scale']}. {r['prompts']} prompts x {len(r['seeds'])} seeds; analyzer-judged.", "",
+             *measured_at(r),
              "## Generation adherence (seen / held-out)", "",
              "| model | shape | colour | background | all three |", "|---|---|---|---|---|",
              row("built-in", r["generation"]), row("built-in, best-of-4 CLIP rerank", r["generation_best_of_4"]),
