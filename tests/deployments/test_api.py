@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import os
 import time
 import urllib.request
 
@@ -35,13 +36,19 @@ def test_openai_sdk_generates_urls_and_b64(app):
     assert Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json))).size == (64, 64)
 
 
-def test_served_images_equal_in_process_pipeline(http, tiny_pipeline):
-    body = {"prompt": "a green triangle on a white background", "n": 2, "seed": 42, "steps": 4,
-            "response_format": "b64_json", "negative_prompt": "red"}
+def test_served_images_equal_in_process_pipeline(http, app_config, tiny_pipeline):
+    """The served graph gives the in-process pipeline's images for the same request and seeds, within 1/255:
+    the tiny model here, the built-in one at its served defaults with IMAGINE_TEST_MODEL=builtin."""
+    from pipeline import Pipeline
+    builtin = os.environ.get("IMAGINE_TEST_MODEL") == "builtin"
+    pipe = Pipeline.load(app_config[0].model) if builtin else tiny_pipeline
+    body = {"prompt": "a green triangle on a white background", "n": 4 if builtin else 2, "seed": 42,
+            "response_format": "b64_json", **({} if builtin else {"steps": 4, "negative_prompt": "red"})}
     r = http.post(f"{http.base}/v1/images/generations", json=body)
     assert r.status_code == 200, r.text
     served = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))).astype(int) for d in r.json()["data"]]
-    [local] = tiny_pipeline.generate([{k: v for k, v in body.items() if k != "response_format"}])
+    [local] = pipe.generate([{k: v for k, v in body.items() if k != "response_format"}])
+    assert len(served) == len(local.images) == body["n"]
     for s, img in zip(served, local.images):
         assert np.abs(s - np.asarray(img).astype(int)).max() <= 1  # within 1/255
 
