@@ -21,6 +21,8 @@ import json
 import math
 from pathlib import Path
 
+from .workload import mean_images, mean_steps_per_image
+
 # the control plane's processes (the model stages, TextEncoder and Upscaler included, run on the GPUs)
 SERVING = ("Ingress replica", "JobRunner replica", "Publisher replica", "ray::ProxyActor", "weed", "redis-server")
 
@@ -50,8 +52,7 @@ def erlang_c_wait_quantile(c: int, rho: float, mu: float, q: float = 0.99) -> fl
 def project(results: dict, gpus: int, gpu_image_steps_per_s: float, head_cores: int, batch: int = 16,
             load: float = 0.7) -> dict:
     mix = [tuple(m) for m in results["plan"]["mix"]]
-    images_per_job = sum(n for _, n in mix) / len(mix)
-    steps_per_image = sum(s * n for s, n in mix) / sum(n for _, n in mix)
+    images_per_job, steps_per_image = mean_images(mix), mean_steps_per_image(mix)
     per_job = serving_core_seconds_per_job(results)
     diffuser_images = gpus * gpu_image_steps_per_s / steps_per_image
     head_jobs = head_cores / per_job
