@@ -126,7 +126,8 @@ class SampleRequest:
     scheduler: str
     seed: int
     init_image: torch.Tensor | None = None  # (3, height, width) in [0, 1]: image-to-image (SDEdit) from it
-    strength: float = 1.0                  # how much of the schedule runs from init_image (1.0: all, from noise)
+    strength: float = 1.0                  # how much of the schedule runs from init_image (1.0: all, from noise;
+                                           # read on SD's schedule: matched_strength)
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # noise levels t/T in (lo, hi] get guidance_scale
     early_guidance: float = 1.0            # the weight at noise levels above the interval (1: the conditional alone)
 
@@ -141,6 +142,45 @@ def guidance_at(request: SampleRequest, noise_level: float) -> float:
     if noise_level > lo:
         return max(1.0, float(request.guidance_scale))
     return 1.0
+
+
+# Stable Diffusion's training schedule ("scaled_linear", betas 0.00085..0.012 over 1000 steps): the schedule on which
+# image-to-image strengths are usually chosen (diffusers' img2img, Midjourney-like "subtle 0.3 / strong 0.6")
+_REFERENCE_BETAS = (0.00085, 0.012, 1000)
+
+
+def _log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod.double().clamp(1e-12, 1 - 1e-12)
+    return (a / (1 - a)).log()
+
+
+def matched_strength(strength: float, alphas_cumprod: torch.Tensor) -> float:
+    """The share of this model's schedule whose noise level matches `strength` on Stable Diffusion's schedule.
+
+    SDEdit's strength is a point of the training schedule: noise to timestep strength x T, run the rest. The
+    same share means different amounts of noise under different schedules: at 0.3, Stable Diffusion's
+    scaled-linear schedule leaves signal-to-noise 1.4, a cosine schedule (Nichol & Dhariwal 2021) 3.7, so a
+    "subtle" variation of a cosine-schedule model barely moves. This returns the share of `alphas_cumprod`'s
+    schedule at which the signal-to-noise ratio equals the reference schedule's at `strength`, so that a
+    strength means the same noise for any model; for Stable Diffusion's own schedule it is `strength`."""
+    if strength >= 1.0 or strength <= 0.0:
+        return float(strength)
+    lo, hi, n = _REFERENCE_BETAS
+    ref = torch.cumprod(1 - torch.linspace(lo ** 0.5, hi ** 0.5, n, dtype=torch.float64) ** 2, 0)
+    own = alphas_cumprod.detach().cpu().double()
+    if own.shape == ref.shape and torch.allclose(own, ref, rtol=1e-5, atol=1e-7):
+        return float(strength)
+    ref_t = strength * (n - 1)
+    k = min(int(ref_t), n - 2)
+    target = torch.lerp(_log_snr(ref[k:k + 1]), _log_snr(ref[k + 1:k + 2]), ref_t - k).item()
+    own_snr = _log_snr(own)  # decreasing with t
+    below = int((own_snr > target).sum())  # the first timestep with at most the target's signal-to-noise
+    if below == 0:
+        return 0.0
+    if below >= len(own):
+        return 1.0
+    a, b = own_snr[below - 1].item(), own_snr[below].item()
+    return min(1.0, (below - 1 + (a - target) / (a - b)) / (len(own) - 1))
 
 
 def check_guidance_interval(interval) -> tuple[float, float]:
@@ -240,7 +280,8 @@ class Sampler:
 
         With an `init_image` (SDEdit, Meng et al. 2022): the image is encoded (the VAE posterior's mean:
         deterministic), noised to the timestep where the last `strength` of the schedule begins, and only those
-        steps run (at least one)."""
+        steps run (at least one). The strength is read on Stable Diffusion's schedule (`matched_strength`): the
+        same strength adds the same noise whatever schedule the model was trained with."""
         states = []
         for r in requests:
             if r.height % self.size_multiple or r.width % self.size_multiple:
@@ -274,7 +315,8 @@ class Sampler:
         if tuple(r.init_image.shape) != (3, r.height, r.width):
             raise ValueError(f"init_image must be (3, {r.height}, {r.width}), got {tuple(r.init_image.shape)}")
         steps = len(scheduler.timesteps)
-        first = min(steps - 1, steps - max(1, round(steps * r.strength)))  # the steps before it are skipped
+        strength = matched_strength(r.strength, scheduler.alphas_cumprod)  # the same noise as on SD's schedule
+        first = min(steps - 1, steps - max(1, round(steps * strength)))  # the steps before it are skipped
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(first)
         if isinstance(scheduler, StableEulerAncestralScheduler):

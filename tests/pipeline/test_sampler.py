@@ -127,22 +127,50 @@ def test_img2img_runs_the_last_part_of_the_schedule_from_the_noised_image(tiny_p
     pipe, init = tiny_pipeline, striped()
     start = pipe.sampler.start([make_request(pipe, scheduler=scheduler, num_inference_steps=10, init_image=init,
                                              strength=s) for s in (0.3, 0.6, 1.0)])
-    assert [s.num_steps - s.step_index for s in start] == [3, 6, 10]  # the steps that run
+    # the tiny model's cosine schedule: 0.3 and 0.6 on SD's schedule are 0.44 and 0.73 of it (matched_strength)
+    assert [s.num_steps - s.step_index for s in start] == [4, 7, 10]  # the steps that run
     calls = []
     images = pipe.sampler.sample([make_request(pipe, scheduler=scheduler, num_inference_steps=10, init_image=init,
                                                strength=0.3)], callback=lambda done, total: calls.append(done))
-    assert calls == [8, 9, 10] and torch.isfinite(images[0]).all()
+    assert calls == [7, 8, 9, 10] and torch.isfinite(images[0]).all()
     # in latent space (a random-init VAE decoder amplifies any change): from the lowest noise level the result
     # stays next to the encoded image; from a high one it moves far from it
     encoded = pipe.sampler.encode(init[None])
     distance = {}
-    for strength in (0.02, 0.9):
+    for strength in (0.005, 0.9):
         states = pipe.sampler.start([make_request(pipe, scheduler=scheduler, num_inference_steps=50, init_image=init,
                                                   strength=strength)])
         while not states[0].done:
             pipe.sampler.step(states)
         distance[strength] = (states[0].latents - encoded).abs().mean().item()
-    assert distance[0.02] < 0.1 < 0.5 < distance[0.9], distance
+    assert distance[0.005] < 0.1 < 0.5 < distance[0.9], distance
+
+
+def test_strength_means_the_same_noise_for_any_schedule(tiny_pipeline):
+    """A strength is read on Stable Diffusion's schedule: a model trained on SD's scaled-linear schedule runs the
+    last `strength` of its steps as in diffusers' img2img; a cosine-schedule model starts at the timestep with the
+    same signal-to-noise ratio (more of its steps), so a 0.3 variation moves as much as it would with SD."""
+    from diffusers import DDPMScheduler
+
+    from pipeline.sampler import matched_strength
+    sd = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    cosine = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    for s in (0.02, 0.3, 0.6, 0.95):
+        assert matched_strength(s, sd) == s
+        m = matched_strength(s, cosine)
+        assert 0 < m < 1
+        snr = [(a / (1 - a)).item() for a in (sd[round(s * 999)], cosine[round(m * 999)])]
+        assert abs(snr[0] / snr[1] - 1) < 0.03, (s, m, snr)  # the same signal-to-noise, within a timestep
+    # cosine keeps more signal until late in its schedule: the subtle and strong strengths start at a later share
+    assert 0.4 < matched_strength(0.3, cosine) < 0.5 and 0.7 < matched_strength(0.6, cosine) < 0.8
+    assert matched_strength(1.0, cosine) == 1.0
+    pipe, init = tiny_pipeline, striped()
+    sd_sampler = Sampler(pipe.sampler.unet, pipe.sampler.vae, {**pipe.sampler.scheduler_config,
+                                                               "beta_schedule": "scaled_linear",
+                                                               "beta_start": 0.00085, "beta_end": 0.012})
+    start = sd_sampler.start([make_request(pipe, scheduler="dpmpp_2m", num_inference_steps=10, init_image=init,
+                                           strength=s) for s in (0.3, 0.6, 1.0)])
+    assert [s.num_steps - s.step_index for s in start] == [3, 6, 10]
 
 
 def test_img2img_is_deterministic_and_batch_invariant(tiny_pipeline):
