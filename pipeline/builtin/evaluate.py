@@ -265,9 +265,15 @@ def main(argv: list[str] | None = None) -> None:
     if only is not None and report_file.is_file():  # merge: every other section stays as it was measured
         report = json.loads(report_file.read_text())
 
+    run = time.strftime("%Y-%m-%d %H:%M")  # this invocation: the sections it measures compare with each other
+
+    def stamp(name) -> None:
+        report.setdefault("measured_at", {})[name] = time.strftime("%Y-%m-%d %H:%M")
+        report.setdefault("measured_in_run", {})[name] = run
+
     def save(name, value) -> None:
         report[name] = value
-        report.setdefault("measured_at", {})[name] = time.strftime("%Y-%m-%d %H:%M")
+        stamp(name)
         report_file.write_text(json.dumps(report, indent=2) + "\n")
 
     steps = [("analyzer_clean", lambda: eval_analyzer(n, 11)),
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("%s (%.0fs): %s", name, time.perf_counter() - t0, report[name])
     if only is None or "sample_sheet" in only:
         sample_sheet(pipe, args.out / "sample_sheet.png")
-        report.setdefault("measured_at", {})["sample_sheet"] = time.strftime("%Y-%m-%d %H:%M")
+        stamp("sample_sheet")
         report_file.write_text(json.dumps(report, indent=2) + "\n")
     try:
         (args.out / "evaluation.md").write_text(markdown(report))
@@ -341,11 +347,11 @@ def machine() -> dict:
 
 
 def measured_at(r: dict) -> list[str]:
-    """A line naming when each section was measured, when they differ (`--only` re-runs): the machine's speed
-    varies up to 4x between days, so timings compare only within one run."""
-    when = r.get("measured_at") or {}
+    """A line naming when each section was measured, when they come from different runs (`--only` re-runs): the
+    machine's speed varies up to 4x between days, so timings compare only within one run."""
+    when, runs = r.get("measured_at") or {}, r.get("measured_in_run") or {}
     present = [s for s in SECTIONS if s in r or s in when]
-    if len({when.get(s) for s in present}) <= 1:
+    if len({runs.get(s, when.get(s)) for s in present}) <= 1:  # one run (reports before runs were kept: one time)
         return []
     return ["Measured at different times (`--only` re-runs; compare timings only within one run): "
             + "; ".join(f"{s} {when.get(s) or 'earlier'}" for s in present) + ".", ""]

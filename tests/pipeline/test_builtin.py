@@ -45,3 +45,16 @@ def test_builtin_variations_keep_the_image_and_still_move():
         assert v["mean_abs_diff"] > max(COPY_FLOOR, r["vae_roundtrip_abs_diff"]), r
         assert v["mean_abs_diff_between_variations"] > 2 / 255, r  # four different images, not one four times
     assert strong["mean_abs_diff"] > subtle["mean_abs_diff"]
+
+
+def test_evaluation_report_marks_sections_of_other_runs():
+    """One run's sections, however many minutes apart, compare with each other; an `--only` re-run's do not."""
+    from pipeline.builtin.evaluate import measured_at
+    one_run = {"generation": {}, "upscaler": {},
+               "measured_at": {"generation": "2026-12-01 03:24", "upscaler": "2026-12-01 03:27"},
+               "measured_in_run": {"generation": "2026-12-01 03:23", "upscaler": "2026-12-01 03:23"}}
+    assert measured_at(one_run) == []
+    rerun = {**one_run, "measured_in_run": {"generation": "2026-12-01 03:23", "upscaler": "2026-12-02 10:00"}}
+    [line, _] = measured_at(rerun)
+    assert "generation 2026-12-01 03:24" in line and "upscaler 2026-12-01 03:27" in line
+    assert measured_at({"generation": {}, "upscaler": {}, "measured_at": {"upscaler": "2026-12-01 03:27"}})  # older
