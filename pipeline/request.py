@@ -139,7 +139,8 @@ class ResolvedRequest(BaseModel):
     def cost(self) -> int:
         """The work of this request in image-steps (one denoising step of one image): n x best_of x the steps
         that run (an upscale job counts as one step of one image; image-to-image counts the last `strength` of the
-        steps, a step or two fewer than a model trained on a schedule other than SD's runs: sampler.matched_strength)."""
+        steps, where a model trained on a schedule other than SD's may run a step or two more:
+        sampler.matched_strength)."""
         if self.upscale_only:
             return 1
         return self.num_candidates * max(1, round(self.steps * self.strength))
