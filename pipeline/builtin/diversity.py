@@ -160,8 +160,9 @@ def eval_diversity_section(pipe: Pipeline, seeds: list[int] | None = None, candi
     return section
 
 
-# a seen prompt whose seed diversity is near the eval prompts' mean (the issue's "a red circle on a black background"
-# is among the least varied: the model draws red circles near the largest size, which leaves the centre little room)
+# a seen prompt whose seed diversity is near the eval prompts' mean (with the weights shipped 2026-12-01, at the served
+# defaults: 1.00, mean 0.87; per prompt 0.57 "a blue circle on a red background" to 1.09; the issue's "a red circle on
+# a black background": 0.93)
 CHAOS_SHEET_PROMPT = "a blue triangle on an orange background"
 
 
@@ -208,8 +209,8 @@ def diversity_lines(v: dict | None, measured_defaults: dict) -> list[str]:
                   f"**{'met' if x['met'] else 'not met'}**.", ""]
     lines += ["### --chaos (at the served defaults)", "",
               f"The sample sheet's last rows: \"{CHAOS_SHEET_PROMPT}\" at each value, the same 4 seeds. Prompts "
-              "differ: the model draws some combinations near the largest size (\"a red circle on a black "
-              "background\"), which leaves the centre little room, and those vary least.", "", *head]
+              "differ: the sheet's prompt varies about as much as the prompts' mean, some combinations less (the "
+              "model draws them in a narrower range of sizes and places).", "", *head]
     lines += [row(f"--chaos {x['chaos']}", x) for x in v["chaos"]]
     if v["settings"]:
         lines += ["", "### Sampler settings (DPM-Solver++, 8 steps)", "", *head]
