@@ -144,8 +144,8 @@ def guidance_at(request: SampleRequest, noise_level: float) -> float:
     return 1.0
 
 
-# Stable Diffusion's training schedule ("scaled_linear", betas 0.00085..0.012 over 1000 steps): the schedule on which
-# image-to-image strengths are usually chosen (diffusers' img2img, Midjourney-like "subtle 0.3 / strong 0.6")
+# Stable Diffusion's training schedule ("scaled_linear", betas 0.00085..0.012 over 1000 steps): the one on which
+# image-to-image strengths are usually chosen (diffusers' img2img; our variations' subtle 0.3 and strong 0.6)
 _REFERENCE_BETAS = (0.00085, 0.012, 1000)
 
 
