@@ -29,6 +29,7 @@ Latent diffusion (Rombach et al. 2022) when the model folder has a `vae/`; pixel
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -144,9 +146,12 @@ def guidance_at(request: SampleRequest, noise_level: float) -> float:
     return 1.0
 
 
-# Stable Diffusion's training schedule ("scaled_linear", betas 0.00085..0.012 over 1000 steps): the one on which
-# image-to-image strengths are usually chosen (diffusers' img2img; our variations' subtle 0.3 and strong 0.6)
-_REFERENCE_BETAS = (0.00085, 0.012, 1000)
+@functools.cache
+def _reference_alphas_cumprod() -> torch.Tensor:
+    """Stable Diffusion's training schedule ("scaled_linear", betas 0.00085..0.012 over 1000 steps) as diffusers
+    builds it: the one on which image-to-image strengths are usually chosen (diffusers' img2img; our variations'
+    subtle 0.3 and strong 0.6)."""
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.double()
 
 
 def _log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -165,13 +170,12 @@ def matched_strength(strength: float, alphas_cumprod: torch.Tensor) -> float:
     strength means the same noise for any model; for Stable Diffusion's own schedule it is `strength`."""
     if strength >= 1.0 or strength <= 0.0:
         return float(strength)
-    lo, hi, n = _REFERENCE_BETAS
-    ref = torch.cumprod(1 - torch.linspace(lo ** 0.5, hi ** 0.5, n, dtype=torch.float64) ** 2, 0)
+    ref = _reference_alphas_cumprod()
     own = alphas_cumprod.detach().cpu().double()
     if own.shape == ref.shape and torch.allclose(own, ref, rtol=1e-5, atol=1e-7):
         return float(strength)
-    ref_t = strength * (n - 1)
-    k = min(int(ref_t), n - 2)
+    ref_t = strength * (len(ref) - 1)
+    k = min(int(ref_t), len(ref) - 2)
     target = torch.lerp(_log_snr(ref[k:k + 1]), _log_snr(ref[k + 1:k + 2]), ref_t - k).item()
     own_snr = _log_snr(own)  # decreasing with t
     below = int((own_snr > target).sum())  # the first timestep with at most the target's signal-to-noise
