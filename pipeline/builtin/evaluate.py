@@ -267,14 +267,14 @@ def main(argv: list[str] | None = None) -> None:
 
     run = time.strftime("%Y-%m-%d %H:%M")  # this invocation: the sections it measures compare with each other
 
-    def stamp(name) -> None:
+    def stamp(name) -> None:  # section `name` was measured now, in this run: saved at once
         report.setdefault("measured_at", {})[name] = time.strftime("%Y-%m-%d %H:%M")
         report.setdefault("measured_in_run", {})[name] = run
+        report_file.write_text(json.dumps(report, indent=2) + "\n")
 
     def save(name, value) -> None:
         report[name] = value
         stamp(name)
-        report_file.write_text(json.dumps(report, indent=2) + "\n")
 
     steps = [("analyzer_clean", lambda: eval_analyzer(n, 11)),
              ("clip_retrieval", lambda: eval_retrieval(pipe, n // 2, 12)),
@@ -300,7 +300,6 @@ def main(argv: list[str] | None = None) -> None:
     if only is None or "sample_sheet" in only:
         sample_sheet(pipe, args.out / "sample_sheet.png")
         stamp("sample_sheet")
-        report_file.write_text(json.dumps(report, indent=2) + "\n")
     try:
         (args.out / "evaluation.md").write_text(markdown(report))
     except KeyError as e:  # --only on a folder without a full report
